@@ -1,0 +1,296 @@
+"""Chapter 3: ClickHouse rows, live in every browser.
+
+This server keeps a Perspective table in step with a ClickHouse table and
+shares it with browsers over a websocket:
+
+    ClickHouse --(query_arrow, new rows only)--> Perspective table
+               --(websocket)--> <perspective-viewer> in each browser
+
+At start it backfills the newest --limit rows, then polls every --interval
+for rows that arrived since (tailer.py explains how each row is read exactly
+once). Rows travel as Arrow from ClickHouse to Perspective, with no
+conversion in Python. Queries run on a worker thread, so a slow query never
+stalls the websocket.
+
+Run it after ./docker.sh and producer.py, then open http://localhost:8080:
+
+    python perspective_server.py
+
+Or run the whole demo in this one process, no Docker needed: ClickHouse runs
+in-process (chDB) and the producer runs on a thread beside the server.
+
+    python perspective_server.py --embedded
+
+Every 10 seconds it logs what it did, e.g.
+
+    synced 2,000 rows (200 rows/s), lag p50 140 ms / max 390 ms, 1 viewer(s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import perspective
+import pyarrow as pa
+import tornado.web
+from perspective.handlers.tornado import PerspectiveTornadoHandler
+
+import connection
+import producer
+from tailer import CURSOR, SchemaError, TableNotFound, Tail
+
+log = logging.getLogger("server")
+
+INDEX_HTML = Path(__file__).with_name("index.html")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    port: int = 8080
+    bind: str = "127.0.0.1"
+    interval: float = 0.25
+    limit: int = 10_000
+    overlap: float = 3.0
+    table: str = connection.TABLE
+    cursor: str = "inserted_at"
+    key: str = "id"
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
+    parser = argparse.ArgumentParser(
+        description="Tail a ClickHouse table into Perspective and serve it to browsers.")
+    parser.add_argument("--port", type=int, default=8080, help="HTTP port for the page (default 8080)")
+    parser.add_argument("--bind", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to your network)")
+    parser.add_argument("--interval", type=float, default=0.25, help="seconds between polls (default 0.25)")
+    parser.add_argument("--limit", type=int, default=10_000,
+                        help="rows kept in the browser table, oldest dropped first (default 10,000)")
+    parser.add_argument("--overlap", type=float, default=3.0,
+                        help="seconds re-read each poll to catch late commits (default 3)")
+    parser.add_argument("--table", default=connection.TABLE, help="table to tail (default stock_values)")
+    parser.add_argument("--cursor", default="inserted_at",
+                        help="DateTime64 column ClickHouse stamps at insert (default inserted_at)")
+    parser.add_argument("--key", default="id",
+                        help="column unique per row (default id); '' compares whole rows")
+    connection.add_arguments(parser, embedded=True)
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port {args.port} is not a TCP port (1-65535)")
+    if args.interval <= 0:
+        parser.error("--interval must be more than 0 seconds")
+    if args.limit < 1:
+        parser.error("--limit must be at least 1")
+    if args.overlap < 0:
+        parser.error("--overlap must be zero or more seconds")
+    try:
+        ch = connection.settings_from_args(args)
+    except connection.SetupError as error:
+        parser.error(str(error))
+    settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
+                              args.table, args.cursor, args.key or "")
+    return settings, ch
+
+
+class Viewers:
+    """Counts open websockets, for the log."""
+    count = 0
+
+
+class ViewerHandler(PerspectiveTornadoHandler):
+    def open(self):
+        super().open()
+        Viewers.count += 1
+
+    def on_close(self):
+        super().on_close()
+        Viewers.count -= 1
+
+
+class IndexHandler(tornado.web.RequestHandler):
+    def get(self):
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.write(INDEX_HTML.read_bytes())
+
+
+def make_app(perspective_server: perspective.Server) -> tornado.web.Application:
+    """The page at / and Perspective's websocket at /websocket."""
+    return tornado.web.Application([
+        (r"/", IndexHandler),
+        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server}),
+    ])
+
+
+def to_ipc(rows: pa.Table) -> bytes:
+    """Arrow IPC stream bytes: the form Table.update() takes without copying per row."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    return sink.getvalue().to_pybytes()
+
+
+class Sync:
+    """Moves new rows from the Tail into the Perspective table; keeps figures."""
+
+    def __init__(self, tail: Tail, table: perspective.Table):
+        self.tail = tail
+        self.table = table
+        self.rows = 0
+        self.lags_ms: list[np.ndarray] = []
+
+    def push(self, rows: pa.Table) -> int:
+        if rows.num_rows == 0:
+            return 0
+        cursors = rows.column(CURSOR).to_numpy()
+        self.table.update(to_ipc(rows.drop_columns([CURSOR])))
+        # Freshness: from the moment ClickHouse stamped the row to now, when
+        # the row is in the table that browsers read.
+        self.lags_ms.append((time.time_ns() // 1000 - cursors) / 1000)
+        self.rows += rows.num_rows
+        return rows.num_rows
+
+    def backfill(self, limit: int) -> int:
+        return self.push(self.tail.backfill(limit))
+
+    def poll(self) -> int:
+        return self.push(self.tail.poll())
+
+    def take_figures(self) -> tuple[int, np.ndarray]:
+        rows, self.rows = self.rows, 0
+        lags = np.concatenate(self.lags_ms) if self.lags_ms else np.array([])
+        self.lags_ms = []
+        return rows, lags
+
+
+async def wait_for_table(tail: Tail, run) -> None:
+    """Waits for the producer to create the table; other problems are fatal."""
+    announced = False
+    while True:
+        try:
+            await run(tail.describe)
+            return
+        except TableNotFound:
+            if not announced:
+                log.info("waiting for table %s to exist (start producer.py)", tail.table)
+                announced = True
+            await asyncio.sleep(1)
+
+
+async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.Event) -> None:
+    outage_logged = False
+    next_report = time.monotonic() + 10
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            await run(sync.poll)
+            if outage_logged:
+                log.info("ClickHouse is back; resuming from the watermark")
+                outage_logged = False
+        except Exception as error:  # keep serving what we have; retry next tick
+            if not outage_logged:
+                log.warning("poll failed, retrying: %s", str(error).strip().splitlines()[0] if str(error).strip()
+                            else type(error).__name__)
+                outage_logged = True
+        if time.monotonic() >= next_report:
+            rows, lags = sync.take_figures()
+            lag = (f"lag p50 {np.percentile(lags, 50):.0f} ms / max {lags.max():.0f} ms" if len(lags)
+                   else "no new rows")
+            log.info("synced %s rows (%.0f rows/s), %s, %d viewer(s)", f"{rows:,}", rows / 10, lag, Viewers.count)
+            next_report += 10
+        try:
+            await asyncio.wait_for(stop.wait(), max(0.0, settings.interval - (time.monotonic() - started)))
+        except asyncio.TimeoutError:
+            pass
+
+
+def start_embedded_producer(ch: connection.ClickHouseSettings, table: str) -> tuple[threading.Event, threading.Thread]:
+    """The producer on a thread: chDB lets only one process open its data folder."""
+    client = connection.connect(ch)
+    producer.create_table(client, table)
+    stop = threading.Event()
+    worker = producer.Producer(client, producer.ProducerSettings(table=table))
+    thread = threading.Thread(target=worker.run, args=(stop,), name="producer", daemon=True)
+    thread.start()
+    return stop, thread
+
+
+async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+
+    # One worker thread: polls run one after another, never on the IOLoop.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+
+    def run(function, *args):
+        return loop.run_in_executor(executor, function, *args)
+
+    client = await run(connection.connect, ch)
+    producer_stop = producer_thread = None
+    if ch.embedded:
+        producer_stop, producer_thread = await run(start_embedded_producer, ch, settings.table)
+
+    perspective_server = perspective.Server()
+    app = make_app(perspective_server)
+    try:
+        http_server = app.listen(settings.port, settings.bind)
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise connection.SetupError(f"port {settings.port} is already in use: stop the other "
+                                        "program or choose another with --port") from None
+        raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
+    log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
+
+    tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap)
+    try:
+        await wait_for_table(tail, run)
+    except SchemaError as error:
+        raise connection.SetupError(str(error)) from None
+    for name, clickhouse_type in tail.skipped:
+        log.warning("column %s (%s) has no Perspective type; it is left out", name, clickhouse_type)
+    table = perspective_server.new_local_client().table(
+        tail.perspective_schema, limit=settings.limit, name=settings.table)
+    sync = Sync(tail, table)
+    backfilled = await run(sync.backfill, settings.limit)
+    log.info("backfilled %s rows into Perspective table %s", f"{backfilled:,}", settings.table)
+
+    await sync_forever(sync, settings, run, stop)
+
+    log.info("shutting down")
+    http_server.stop()
+    if producer_stop is not None:
+        producer_stop.set()
+        producer_thread.join(timeout=5)
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    connection.setup_logging()
+    settings, ch = parse_args(argv)
+    log.info("%s; table %s (cursor %s, key %s); poll every %.2f s, overlap %.1f s, limit %s rows",
+             ch.describe(), settings.table, settings.cursor, settings.key or "whole row",
+             settings.interval, settings.overlap, f"{settings.limit:,}")
+    try:
+        asyncio.run(serve(settings, ch))
+    except connection.SetupError as error:
+        print(f"perspective_server.py: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
