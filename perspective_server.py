@@ -260,8 +260,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         raise connection.SetupError(str(error)) from None
     for name, clickhouse_type in tail.skipped:
         log.warning("column %s (%s) has no Perspective type; it is left out", name, clickhouse_type)
-    table = perspective_server.new_local_client().table(
-        tail.perspective_schema, limit=settings.limit, name=settings.table)
+    empty = await run(tail.empty)
+    table = perspective_server.new_local_client().table(to_ipc(empty), limit=settings.limit, name=settings.table)
     sync = Sync(tail, table)
     backfilled = await run(sync.backfill, settings.limit)
     log.info("backfilled %s rows into Perspective table %s", f"{backfilled:,}", settings.table)

@@ -148,6 +148,15 @@ class Tail:
                          + [f"{key} AS {KEY}",
                             f"toUnixTimestamp64Micro(toDateTime64({cursor}, 6, 'UTC')) AS {CURSOR}"])
 
+    def empty(self) -> pa.Table:
+        """No rows, but the exact Arrow schema every later batch will have.
+
+        Creating the Perspective table from this, rather than from a dict of
+        type names, keeps 64-bit integers 64-bit: a dict's "integer" is 32-bit.
+        """
+        rows = self.client.query_arrow(f"SELECT {self._select()} FROM {quote(self.table)} LIMIT 0")
+        return rows.drop_columns([KEY, CURSOR])
+
     def backfill(self, limit: int) -> pa.Table:
         """The newest `limit` rows, oldest first; sets the watermark."""
         rows = self.client.query_arrow(

@@ -1,0 +1,262 @@
+"""The pipeline on a real ClickHouse engine: producer -> table -> tail -> Perspective.
+
+No mocks: the engine is chDB (or the server named by CLICKHOUSE_URL) and the
+Perspective table is perspective-python's own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import perspective
+import pyarrow as pa
+import pytest
+
+import producer
+from perspective_server import Sync, to_ipc
+from tailer import Tail
+
+ROWS_PER_BATCH = 50
+
+
+def make_producer(client, seed=None, batch_size=ROWS_PER_BATCH):
+    producer.create_table(client)
+    return producer.Producer(client, producer.ProducerSettings(batch_size=batch_size, seed=seed))
+
+
+def perspective_table(tail: Tail, limit: int = 1_000_000):
+    return perspective.Server().new_local_client().table(to_ipc(tail.empty()), limit=limit)
+
+
+def make_sync(client, overlap=3.0, key="id", limit=1_000_000) -> Sync:
+    tail = Tail(client, "stock_values", "inserted_at", key, overlap)
+    tail.describe()
+    return Sync(tail, perspective_table(tail, limit))
+
+
+def ids_in_perspective(table) -> list[str]:
+    return table.view(columns=["id"]).to_columns()["id"]
+
+
+def ids_in_clickhouse(client) -> list[str]:
+    return [str(row[0]) for row in client.query("SELECT id FROM stock_values").result_rows]
+
+
+def test_producer_creates_the_table_and_inserts_batches(new_client):
+    client = new_client()
+    worker = make_producer(client, seed=7)
+    for _ in range(3):
+        worker.make_batch()
+    worker.flush()
+
+    assert client.command("SELECT count() FROM stock_values") == 3 * ROWS_PER_BATCH
+    types = dict(client.query("SELECT name, type FROM system.columns WHERE database = currentDatabase() "
+                              "AND table = 'stock_values'").result_rows)
+    assert types["timestamp"] == "DateTime64(3, 'UTC')"
+    assert types["inserted_at"].startswith("DateTime64(6")
+    assert {"ticker", "client", "open", "high", "low", "close", "volume", "date", "id"} <= set(types)
+    broken = client.command("SELECT count() FROM stock_values WHERE NOT (low <= least(open, close) "
+                            "AND greatest(open, close) <= high)")
+    assert broken == 0
+
+
+def test_event_time_is_stored_as_utc(new_client):
+    client = new_client()
+    worker = make_producer(client)
+    now_ms = 1_780_000_000_123  # 2026-05-28T20:26:40.123Z
+    worker.pending.append(producer.Batch(worker.market.batch(3, now_ms), "t1"))
+    worker.flush()
+    stored = client.command("SELECT toUnixTimestamp64Milli(min(timestamp)) FROM stock_values")
+    assert int(stored) == now_ms
+    assert client.command("SELECT toString(any(date)) FROM stock_values") == "2026-05-28"
+
+
+def test_a_retried_batch_is_stored_once(new_client):
+    """The producer resends a batch after an ambiguous failure with the same token."""
+    client = new_client()
+    worker = make_producer(client)
+    worker.make_batch()
+    batch = worker.pending[0]
+    worker.flush()
+    worker.pending.append(batch)  # as if the first insert's reply had been lost
+    worker.flush()
+    assert client.command("SELECT count() FROM stock_values") == ROWS_PER_BATCH
+
+
+def test_server_backfills_then_tails_new_rows(new_client):
+    client = new_client()
+    worker = make_producer(client)
+    for _ in range(4):
+        worker.make_batch()
+    worker.flush()
+
+    sync = make_sync(new_client())
+    assert sync.backfill(limit=10_000) == 4 * ROWS_PER_BATCH
+    assert sync.table.size() == 4 * ROWS_PER_BATCH
+
+    worker.make_batch()
+    worker.flush()
+    assert sync.poll() == ROWS_PER_BATCH
+    assert sync.poll() == 0, "a second poll with nothing new must deliver nothing"
+    assert sorted(ids_in_perspective(sync.table)) == sorted(ids_in_clickhouse(client))
+
+
+def test_backfill_takes_only_the_newest_rows(new_client):
+    client = new_client()
+    worker = make_producer(client)
+    for _ in range(3):
+        worker.make_batch()
+        worker.flush()
+    sync = make_sync(new_client(), limit=ROWS_PER_BATCH)
+    assert sync.backfill(limit=ROWS_PER_BATCH) == ROWS_PER_BATCH
+    newest = client.query(f"SELECT toString(id) FROM stock_values ORDER BY inserted_at DESC "
+                          f"LIMIT {ROWS_PER_BATCH}").result_rows
+    assert sorted(ids_in_perspective(sync.table)) == sorted(row[0] for row in newest)
+
+
+def insert_with_cursor(client, rows: pa.Table, inserted_at_us: int) -> None:
+    """Inserts rows whose cursor is set by hand: a commit that arrives late."""
+    stamped = rows.append_column(
+        "inserted_at", pa.array([inserted_at_us] * rows.num_rows, pa.timestamp("us", tz="UTC")))
+    client.insert_arrow("stock_values", stamped)
+
+
+def test_exactly_once_with_concurrent_producers_and_late_commits(new_client):
+    """Two producers insert at once while the server polls; a batch commits late.
+
+    Afterwards every ClickHouse row is in the Perspective table exactly once.
+    """
+    setup = new_client()
+    producer.create_table(setup)
+    sync = make_sync(new_client(), overlap=3.0)
+    stop = threading.Event()
+    polls = []
+
+    def run_producer(seed):
+        worker = producer.Producer(new_client(), producer.ProducerSettings(batch_size=37, seed=seed))
+        for _ in range(40):
+            worker.make_batch()
+            worker.flush()
+            time.sleep(0.005)
+
+    def run_server():
+        while not stop.is_set():
+            polls.append(sync.poll())
+
+    server = threading.Thread(target=run_server)
+    producers = [threading.Thread(target=run_producer, args=(seed,)) for seed in (1, 2)]
+    server.start()
+    for thread in producers:
+        thread.start()
+    for thread in producers:
+        thread.join()
+
+    # A batch that commits late: its cursor is a second older than rows the
+    # server has already delivered, which is inside the 3 s overlap.
+    while sync.tail.cursor.watermark is None:
+        time.sleep(0.01)
+    late = producer.Market(seed=3).batch(25, time.time_ns() // 1_000_000)
+    insert_with_cursor(new_client(), late, sync.tail.cursor.watermark - 1_000_000)
+    time.sleep(0.3)
+    stop.set()
+    server.join()
+    sync.poll()
+
+    in_clickhouse = ids_in_clickhouse(setup)
+    in_perspective = ids_in_perspective(sync.table)
+    assert len(in_clickhouse) == 2 * 40 * 37 + 25
+    assert len(in_perspective) == len(set(in_perspective)), "a row was delivered twice"
+    assert set(in_perspective) == set(in_clickhouse), "a row was lost"
+    assert sum(polls) > 0 and len(polls) > 1, "the server must have polled while producers ran"
+
+
+def test_a_commit_later_than_the_overlap_is_not_delivered(new_client):
+    """The documented limit: the overlap bounds how late a commit may be."""
+    client = new_client()
+    worker = make_producer(client)
+    worker.make_batch()
+    worker.flush()
+    sync = make_sync(new_client(), overlap=1.0)
+    sync.backfill(limit=10_000)
+    too_late = producer.Market(seed=4).batch(5, time.time_ns() // 1_000_000)
+    insert_with_cursor(client, too_late, sync.tail.cursor.watermark - 5_000_000)
+    assert sync.poll() == 0
+    assert sync.table.size() == ROWS_PER_BATCH
+
+
+def test_a_table_without_a_key_is_deduplicated_by_whole_row(new_client):
+    """--key '' on a user's own table: re-reads of the overlap still add nothing."""
+    client = new_client()
+    client.command("CREATE TABLE trades (ts DateTime64(6) DEFAULT now64(6), sym String, px Float64) "
+                   "ENGINE = MergeTree ORDER BY ts")
+    client.insert("trades", [["A", 1.0], ["B", 2.0]], column_names=["sym", "px"])
+    tail = Tail(client, "trades", "ts", None, overlap_seconds=60)
+    tail.describe()
+    sync = Sync(tail, perspective_table(tail))
+    assert sync.backfill(limit=100) == 2
+    client.insert("trades", [["C", 3.0]], column_names=["sym", "px"])
+    assert sync.poll() == 1
+    assert sync.poll() == 0
+    assert sorted(sync.table.view().to_columns()["sym"]) == ["A", "B", "C"]
+
+
+ALL_TYPES = {
+    "i8": ("Int8", "-8", "integer", -8),
+    "i16": ("Int16", "-16", "integer", -16),
+    "i32": ("Int32", "-32", "integer", -32),
+    "i64": ("Int64", "-5000000000", "integer", -5_000_000_000),
+    "u8": ("UInt8", "8", "integer", 8),
+    "u16": ("UInt16", "16", "integer", 16),
+    "u32": ("UInt32", "4000000000", "integer", 4_000_000_000),
+    "u64": ("UInt64", "64", "integer", 64),
+    "f32": ("Float32", "1.5", "float", 1.5),
+    "f64": ("Float64", "2.25", "float", 2.25),
+    "dec": ("Decimal(18, 4)", "12.3456", "float", 12.3456),
+    "flag": ("Bool", "true", "boolean", True),
+    "s": ("String", "'hello'", "string", "hello"),
+    "fs": ("FixedString(8)", "'ab'", "string", "ab"),
+    "e8": ("Enum8('buy' = 1, 'sell' = 2)", "'sell'", "string", "sell"),
+    "e16": ("Enum16('x' = 1000)", "'x'", "string", "x"),
+    "u": ("UUID", "'00000000-0000-0000-0000-000000000001'", "string",
+          "00000000-0000-0000-0000-000000000001"),
+    "d": ("Date", "'2024-02-29'", "date", None),
+    "d32": ("Date32", "'1960-01-01'", "date", None),
+    "dt": ("DateTime('UTC')", "'2024-02-29 12:00:00'", "datetime", None),
+    "dt64": ("DateTime64(3, 'UTC')", "'2024-02-29 12:00:00.250'", "datetime", None),
+    "n": ("Nullable(Int32)", "NULL", "integer", None),
+    "lc": ("LowCardinality(String)", "'low'", "string", "low"),
+    "lcn": ("LowCardinality(Nullable(String))", "'maybe'", "string", "maybe"),
+    "arr": ("Array(Int32)", "[1, 2]", None, None),
+}
+
+
+def test_every_common_type_reaches_perspective(new_client, caplog):
+    client = new_client()
+    columns = ", ".join(f"{name} {spec[0]}" for name, spec in ALL_TYPES.items())
+    client.command(f"CREATE TABLE typed (inserted_at DateTime64(6) DEFAULT now64(6), {columns}) "
+                   "ENGINE = MergeTree ORDER BY inserted_at")
+    client.command(f"INSERT INTO typed ({', '.join(ALL_TYPES)}) VALUES "
+                   f"({', '.join(spec[1] for spec in ALL_TYPES.values())})")
+    tail = Tail(client, "typed", "inserted_at", None, overlap_seconds=3)
+    tail.describe()
+    assert tail.skipped == [("arr", "Array(Int32)")]
+    schema = tail.perspective_schema
+    for name, (_, _, expected_type, _) in ALL_TYPES.items():
+        if expected_type is not None:
+            assert schema[name] == expected_type, name
+
+    sync = Sync(tail, perspective_table(tail))
+    assert sync.table.schema() == {name: kind for name, kind in schema.items()}
+    assert sync.backfill(limit=10) == 1
+    row = sync.table.view().to_records()[0]
+    for name, (_, _, _, expected_value) in ALL_TYPES.items():
+        if expected_value is not None:
+            assert row[name] == pytest.approx(expected_value), name
+    assert row["n"] is None
+    # Perspective returns dates and datetimes as UTC milliseconds.
+    assert row["d"] == 1_709_164_800_000
+    assert row["d32"] == -315_619_200_000
+    assert row["dt"] == 1_709_208_000_000
+    assert row["dt64"] == 1_709_208_000_250
