@@ -1,0 +1,105 @@
+"""What a user sees when something is wrong: one line, a non-zero exit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import producer
+from perspective_server import wait_for_table
+from tailer import SchemaError, Tail
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args, timeout=60):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(ROOT), "PYTHONPATH": str(ROOT)})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def error_lines(result) -> list[str]:
+    """stderr without the log lines (they start with a timestamp)."""
+    return [line for line in result.stderr.splitlines() if line and not line[:4].isdigit()]
+
+
+@pytest.mark.parametrize("script", ["producer.py", "perspective_server.py"])
+def test_unreachable_clickhouse_is_one_line_naming_the_address_and_the_fix(script):
+    port = free_port()  # nothing listens there
+    result = run_script(script, "--ch-port", str(port), "--wait", "0")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"{script}: cannot reach ClickHouse at http://localhost:{port}: start it with ./docker.sh, "
+        "or run without Docker: python perspective_server.py --embedded"]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_server_says_when_its_port_is_taken():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_script("perspective_server.py", "--embedded", "--chdb-path", ":memory:", "--port", str(port))
+    assert result.returncode == 1
+    assert error_lines(result) == [f"perspective_server.py: port {port} is already in use: stop the other "
+                                   "program or choose another with --port"]
+
+
+@pytest.mark.parametrize("script, flag, value", [
+    ("producer.py", "--interval", "0"),
+    ("producer.py", "--batch-size", "-3"),
+    ("perspective_server.py", "--port", "70000"),
+    ("perspective_server.py", "--limit", "0"),
+    ("perspective_server.py", "--ch-port", "http"),
+])
+def test_bad_flags_get_an_argparse_error(script, flag, value):
+    result = run_script(script, flag, value)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1].startswith(f"{script}: error:")
+    assert flag in result.stderr.splitlines()[-1]
+
+
+def test_the_password_is_not_printed(tmp_path):
+    secret = "pw-never-shown-4821"
+    result = subprocess.run([sys.executable, "producer.py", "--ch-port", str(free_port()), "--wait", "0"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "CLICKHOUSE_PASSWORD": secret})
+    help_text = run_script("perspective_server.py", "--help").stdout
+    assert result.returncode == 1
+    assert secret not in result.stdout + result.stderr
+    assert secret not in help_text
+
+
+def test_the_server_waits_for_a_table_that_does_not_exist_yet(new_client, caplog):
+    client = new_client()
+    tail = Tail(client, "stock_values", "inserted_at", "id", 3.0)
+    creator = threading.Timer(1.5, producer.create_table, args=(new_client(),))
+    creator.start()
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="server"):
+        asyncio.run(asyncio.wait_for(wait_for_table(tail, asyncio.to_thread), timeout=30))
+    creator.join()
+    assert time.monotonic() - started >= 1.0, "it returned before the table existed"
+    assert "waiting for table stock_values to exist" in caplog.text
+    assert tail.perspective_schema["close"] == "float"
+
+
+def test_a_table_without_a_cursor_column_is_refused_with_the_fix(new_client):
+    client = new_client()
+    client.command("CREATE TABLE plain (t DateTime, x Int32) ENGINE = MergeTree ORDER BY t")
+    tail = Tail(client, "plain", "inserted_at", None, 3.0)
+    with pytest.raises(SchemaError, match="ADD COLUMN inserted_at DateTime64"):
+        tail.describe()
