@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -125,8 +125,9 @@ def _parse_url(url: str) -> dict:
     return {
         "host": parts.hostname,
         "port": parts.port,
-        "username": parts.username,
-        "password": parts.password,
+        # Credentials with @ : / # must be percent-encoded in a URL.
+        "username": unquote(parts.username) if parts.username else None,
+        "password": unquote(parts.password) if parts.password else None,
         "database": parts.path.strip("/") or None,
         "secure": parts.scheme == "https",
     }

@@ -84,8 +84,8 @@ def _first_of_each_key(rows: pa.Table) -> pa.Table:
     if pc.count_distinct(rows.column(KEY)).as_py() == rows.num_rows:
         return rows
     indexed = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
-    first = indexed.group_by(KEY, use_threads=False).aggregate([("__row", "min")])
-    return rows.take(pc.sort_indices(first.column("__row_min")))
+    first_rows = indexed.group_by(KEY, use_threads=False).aggregate([("__row", "min")]).column("__row_min")
+    return rows.take(pc.take(first_rows, pc.sort_indices(first_rows)))
 
 
 class TableNotFound(Exception):
