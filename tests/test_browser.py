@@ -1,0 +1,223 @@
+"""The whole demo as a user sees it: real server, real page, headless Chromium.
+
+Starts ``perspective_server.py --embedded`` (chDB and the producer inside the
+server process), opens index.html in Debian's Chromium with the CDN assets
+served from ``tests/node_modules`` (``npm ci --prefix tests``), and checks
+what a person would: the badge says live, the grid fills and keeps growing,
+a chart draws, nothing is logged as an error, and a restarted server is
+picked up again without a reload. It saves screenshots of the grid and a
+chart; with UPDATE_SCREENSHOTS=1 it writes them over the README's, in docs/.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import os
+
+import pytest
+
+import browser
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+STARTUP_TIMEOUT_S = 60
+
+# The preset grid in index.html, switched to a chart and back in the test.
+CHART_PLUGIN = "Y Bar"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """perspective_server.py --embedded as a subprocess, logging to a file.
+
+    A file, not a pipe: the server logs every few seconds and would block on
+    a full pipe nobody reads.
+    """
+
+    def __init__(self, port: int, data_dir: Path, log_path: Path):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        # A fresh chDB folder per test: no file lock shared with a demo the
+        # developer may be running, and the table starts small, so the row
+        # count can still grow (the viewer's table is capped at 10,000 rows).
+        self.proc = subprocess.Popen(
+            [sys.executable, "perspective_server.py", "--embedded", "--port", str(port),
+             "--chdb-path", str(data_dir)],
+            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self):
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"perspective_server.py exited early ({self.proc.returncode}):\n{self.log()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=1) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"perspective_server.py did not answer {self.url} in {STARTUP_TIMEOUT_S} s:\n{self.log()}")
+
+    def stop(self) -> int:
+        """SIGINT (Ctrl-C, as a user stops it) and wait; kill only if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self._log.close()
+                pytest.fail(f"perspective_server.py ignored SIGINT for 30 s:\n{self.log()}")
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start a server (optionally on a given port, e.g. to restart one)."""
+    servers: list[Server] = []
+    data_dir = tmp_path / "chdb-data"
+
+    def start(port: int | None = None) -> Server:
+        server = Server(port or free_port(), data_dir, tmp_path / "server.log")
+        servers.append(server)
+        server.wait_ready()
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def browser_context():
+    # Wide enough for the preset's four client groups beside the settings panel.
+    with browser.launch_chromium(viewport=(1480, 760)) as context:
+        yield context
+
+
+def open_page(context, url):
+    router = browser.CdnRouter().install(context)
+    page = context.new_page()
+    console = browser.ConsoleErrors(page)
+    page.goto(url)
+    return page, router, console
+
+
+def wait_live(page, router, console, timeout_ms: int = 30_000):
+    """Wait for the badge to say live; if it never does, say why."""
+    try:
+        browser.wait_for_status(page, "live", timeout_ms)
+    except Exception:
+        router.assert_ok()  # a pin mismatch or missing asset explains a stuck page
+        pytest.fail(f"page never went live (status {browser.status(page)}); console: {console.errors}")
+
+
+def wait_for_chart(page, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    drawn = browser.chart_drawn(page)
+    while not (drawn["shapes"] or drawn["canvases"]) and time.monotonic() < deadline:
+        page.wait_for_timeout(200)
+        drawn = browser.chart_drawn(page)
+    return drawn
+
+
+def assert_grid_has_cells(page):
+    page.locator("perspective-viewer-datagrid regular-table tbody td").first.wait_for(timeout=10_000)
+    cells = page.locator("perspective-viewer-datagrid regular-table tbody td")
+    assert cells.count() > 0
+    assert any(text.strip() for text in cells.all_inner_texts()), "grid cells are all empty"
+
+
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        return DOCS
+    return tmp_path
+
+
+def test_live_grid_and_chart(start_server, browser_context, screenshots):
+    server = start_server()
+    page, router, console = open_page(browser_context, server.url)
+
+    wait_live(page, router, console)
+    assert browser.status(page) == ("live", "live")
+
+    # The preset: pivoted by ticker and client, on the datagrid.
+    preset = browser.viewer_config(page)
+    assert preset["plugin"] == "Datagrid"
+    assert preset["group_by"] == ["ticker"] and preset["split_by"] == ["client"]
+    assert "id" not in preset["columns"] and "inserted_at" not in preset["columns"]
+
+    first = browser.row_count(page)
+    assert first > 0
+    assert_grid_has_cells(page)
+
+    # The producer inserts every 500 ms; the server tails those rows in.
+    grown = browser.wait_for_row_count_above(page, first, timeout_s=15)
+    assert grown > first, f"row count stayed at {first} for 15 s:\n{server.log()}"
+
+    # A chart plugin draws: traded volume per ticker, stacked by client.
+    # Flat rollup is what d3fc charts ask for; passing it avoids viewer 4.3.0
+    # logging its own switch to flat as a console.error.
+    browser.restore(page, {"plugin": CHART_PLUGIN, "columns": ["volume"], "group_rollup_mode": "flat"})
+    drawn = wait_for_chart(page)
+    assert drawn["plugin"] == "perspective-viewer-d3fc-ybar", drawn
+    assert drawn["shapes"] or drawn["canvases"], f"{CHART_PLUGIN} drew nothing: {drawn}"
+    page.screenshot(path=screenshots / "screenshot-chart.png")
+
+    # Back to the preset grid: the README's screenshot.
+    browser.restore(page, preset)
+    assert_grid_has_cells(page)
+    page.screenshot(path=screenshots / "screenshot.png")
+
+    router.assert_ok()
+    assert console.errors == []
+
+
+def test_reconnects_after_server_restart(start_server, browser_context):
+    server = start_server()
+    page, router, console = open_page(browser_context, server.url)
+    wait_live(page, router, console)
+
+    # A user's own pivot, which must survive the restart.
+    browser.restore(page, {"group_by": ["client"], "split_by": []})
+
+    assert server.stop() == 0, server.log()
+    browser.wait_for_status(page, "reconnecting", timeout_ms=10_000)
+
+    start_server(port=server.port)  # same port, same chDB folder
+    wait_live(page, router, console, timeout_ms=STARTUP_TIMEOUT_S * 1000)
+
+    config = browser.viewer_config(page)
+    assert config["group_by"] == ["client"] and config["split_by"] == []
+    assert config["aggregates"]["close"] == "last"
+    assert browser.row_count(page) > 0
+    assert_grid_has_cells(page)
+
+    router.assert_ok()
+    # While the server is down each retry logs a refused connection; that is
+    # Chromium reporting the outage, not the page failing.
+    refused = "net::ERR_CONNECTION_REFUSED"
+    assert [e for e in console.errors if refused not in e] == []
