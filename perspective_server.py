@@ -44,10 +44,12 @@ import numpy as np
 import perspective
 import pyarrow as pa
 import tornado.web
+import tornado.websocket
 from perspective.handlers.tornado import PerspectiveTornadoHandler
 
 import connection
 import producer
+import read_only
 from tailer import CURSOR, SchemaError, TableNotFound, Tail
 
 log = logging.getLogger("server")
@@ -65,6 +67,7 @@ class ServerSettings:
     table: str = connection.TABLE
     cursor: str = "inserted_at"
     key: str = "id"
+    allowed_origins: tuple[str, ...] = ()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -73,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     parser.add_argument("--port", type=int, default=8080, help="HTTP port for the page (default 8080)")
     parser.add_argument("--bind", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it to your network)")
+    parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also accept websockets from pages at ORIGIN, e.g. https://intranet.example "
+                             "(repeatable; by default only the page this server serves)")
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between polls (default 0.25)")
     parser.add_argument("--limit", type=int, default=10_000,
                         help="rows kept in the browser table, oldest dropped first (default 10,000)")
@@ -98,19 +104,45 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     except connection.SetupError as error:
         parser.error(str(error))
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
-                              args.table, args.cursor, args.key or "")
+                              args.table, args.cursor, args.key or "", tuple(args.allow_origin))
     return settings, ch
 
 
 class Viewers:
-    """Counts open websockets, for the log."""
+    """Open websockets and refused writes, for the log."""
     count = 0
+    refused = 0
 
 
 class ViewerHandler(PerspectiveTornadoHandler):
+    """Perspective's handler, made read-only and same-origin.
+
+    The stock handler accepts any Origin and any request, so any page on the
+    web could ask a visitor's browser to clear this table. Here a handshake
+    from another origin gets 403, and requests that would change data are
+    answered with an error instead of reaching the Perspective server.
+    """
+
+    def initialize(self, allowed_origins=frozenset(), **kwargs):
+        super().initialize(**kwargs)
+        self.allowed_origins = allowed_origins
+
+    def check_origin(self, origin):
+        # Tornado's own check: the Origin's host must equal the Host header.
+        return origin in self.allowed_origins or tornado.websocket.WebSocketHandler.check_origin(self, origin)
+
     def open(self):
         super().open()
         Viewers.count += 1
+
+    def on_message(self, message):
+        if isinstance(message, bytes) and not read_only.is_allowed(message):
+            Viewers.refused += 1
+            reply = read_only.refusal(message)
+            if reply is not None:
+                self.write_message(reply, binary=True)
+            return
+        super().on_message(message)
 
     def on_close(self):
         super().on_close()
@@ -124,12 +156,16 @@ class IndexHandler(tornado.web.RequestHandler):
         self.write(INDEX_HTML.read_bytes())
 
 
-def make_app(perspective_server: perspective.Server) -> tornado.web.Application:
+def make_app(perspective_server: perspective.Server, allowed_origins=()) -> tornado.web.Application:
     """The page at / and Perspective's websocket at /websocket."""
     return tornado.web.Application([
         (r"/", IndexHandler),
-        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server}),
-    ])
+        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server,
+                                        "allowed_origins": frozenset(allowed_origins)}),
+    ],
+        # A viewer's requests are a few hundred bytes; nothing needs more.
+        websocket_max_message_size=1 << 20,
+    )
 
 
 def to_ipc(rows: pa.Table) -> bytes:
@@ -206,7 +242,8 @@ async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.
             rows, lags = sync.take_figures()
             lag = (f"lag p50 {np.percentile(lags, 50):.0f} ms / max {lags.max():.0f} ms" if len(lags)
                    else "no new rows")
-            log.info("synced %s rows (%.0f rows/s), %s, %d viewer(s)", f"{rows:,}", rows / 10, lag, Viewers.count)
+            log.info("synced %s rows (%.0f rows/s), %s, %d viewer(s)%s", f"{rows:,}", rows / 10, lag, Viewers.count,
+                     f", {Viewers.refused} write(s) refused" if Viewers.refused else "")
             next_report += 10
         try:
             await asyncio.wait_for(stop.wait(), max(0.0, settings.interval - (time.monotonic() - started)))
@@ -243,7 +280,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         producer_stop, producer_thread = await run(start_embedded_producer, ch, settings.table)
 
     perspective_server = perspective.Server()
-    app = make_app(perspective_server)
+    app = make_app(perspective_server, settings.allowed_origins)
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:
