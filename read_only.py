@@ -16,10 +16,13 @@ from __future__ import annotations
 
 # Request types a viewer uses, by their field number in the Request message.
 # Anything else (update 33, replace 32 (which clear() uses), remove 31,
-# table delete 28, make table 27, make port 5) and any number this list does
-# not know is refused.
+# table delete 28, make table 27) and any number this list does not know is
+# refused.
 VIEWER_REQUESTS = {
     3: "get_features",
+    # The viewer asks for a port when it opens a table. A port is only an id
+    # to tag updates with, and updates are refused, so it grants nothing.
+    5: "table_make_port",
     4: "get_hosted_tables",
     37: "remove_hosted_tables_update",
     6: "table_make_view",
