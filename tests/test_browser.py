@@ -221,3 +221,47 @@ def test_reconnects_after_server_restart(start_server, browser_context):
     # Chromium reporting the outage, not the page failing.
     refused = "net::ERR_CONNECTION_REFUSED"
     assert [e for e in console.errors if refused not in e] == []
+
+
+def test_the_page_cannot_change_the_data(start_server, browser_context):
+    """A curious colleague with devtools open: every write is refused."""
+    server = start_server()
+    page, router, console = open_page(browser_context, server.url)
+    wait_live(page, router, console)
+    before = browser.row_count(page)
+
+    outcomes = page.evaluate(
+        """async () => {
+            const table = await document.querySelector("perspective-viewer").getTable();
+            const attempts = {
+                update: () => table.update([{ticker: "EVIL", close: 0}]),
+                clear: () => table.clear(),
+                replace: () => table.replace([{ticker: "EVIL", close: 0}]),
+                delete: () => table.delete(),
+            };
+            const outcomes = {};
+            for (const [name, attempt] of Object.entries(attempts)) {
+                try {
+                    await attempt();
+                    outcomes[name] = "accepted";
+                } catch (error) {
+                    outcomes[name] = String(error && error.message || error);
+                }
+            }
+            return outcomes;
+        }"""
+    )
+    assert set(outcomes) == {"update", "clear", "replace", "delete"}
+    for name, outcome in outcomes.items():
+        assert "read-only" in outcome, f"{name}: {outcome}"
+    # Nothing was cleared, and the producer's rows keep arriving.
+    assert browser.wait_for_row_count_above(page, before, timeout_s=15) > before
+    assert "EVIL" not in str(page.evaluate(
+        """async () => {
+            const table = await document.querySelector("perspective-viewer").getTable();
+            const view = await table.view({columns: ["ticker"], group_by: ["ticker"]});
+            const columns = await view.to_columns();
+            await view.delete();
+            return columns;
+        }"""))
+    assert server.stop() == 0
