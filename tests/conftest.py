@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import clickhouse_connect
 import pytest
 
+import servers
+
 
 def _new_client():
     url = os.environ.get("CLICKHOUSE_URL")
@@ -52,3 +54,9 @@ def new_client(database):
     yield open_client
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Starts perspective_server.py --embedded subprocesses; stops them after the test."""
+    yield from servers.server_factory(tmp_path)

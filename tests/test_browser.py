@@ -11,102 +11,19 @@ chart; with UPDATE_SCREENSHOTS=1 it writes them over the README's, in docs/.
 
 from __future__ import annotations
 
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import os
+import time
+from pathlib import Path
 
 import pytest
 
 import browser
+from servers import STARTUP_TIMEOUT_S
 
-REPO = Path(__file__).resolve().parent.parent
-DOCS = REPO / "docs"
-STARTUP_TIMEOUT_S = 60
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 # The preset grid in index.html, switched to a chart and back in the test.
 CHART_PLUGIN = "Y Bar"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """perspective_server.py --embedded as a subprocess, logging to a file.
-
-    A file, not a pipe: the server logs every few seconds and would block on
-    a full pipe nobody reads.
-    """
-
-    def __init__(self, port: int, data_dir: Path, log_path: Path):
-        self.port = port
-        self.url = f"http://127.0.0.1:{port}/"
-        self.log_path = log_path
-        self._log = open(log_path, "ab")
-        # A fresh chDB folder per test: no file lock shared with a demo the
-        # developer may be running, and the table starts small, so the row
-        # count can still grow (the viewer's table is capped at 10,000 rows).
-        self.proc = subprocess.Popen(
-            [sys.executable, "perspective_server.py", "--embedded", "--port", str(port),
-             "--chdb-path", str(data_dir)],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
-        )
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self):
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"perspective_server.py exited early ({self.proc.returncode}):\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"perspective_server.py did not answer {self.url} in {STARTUP_TIMEOUT_S} s:\n{self.log()}")
-
-    def stop(self) -> int:
-        """SIGINT (Ctrl-C, as a user stops it) and wait; kill only if it hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                self._log.close()
-                pytest.fail(f"perspective_server.py ignored SIGINT for 30 s:\n{self.log()}")
-        self._log.close()
-        return self.proc.returncode
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    """Factory: start a server (optionally on a given port, e.g. to restart one)."""
-    servers: list[Server] = []
-    data_dir = tmp_path / "chdb-data"
-
-    def start(port: int | None = None) -> Server:
-        server = Server(port or free_port(), data_dir, tmp_path / "server.log")
-        servers.append(server)
-        server.wait_ready()
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
 
 
 @pytest.fixture
