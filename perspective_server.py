@@ -109,9 +109,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
 
 
 class Viewers:
-    """Open websockets and refused writes, for the log."""
-    count = 0
+    """Open websockets and refused writes, for the log and for shutdown."""
+    open: set["ViewerHandler"] = set()
     refused = 0
+
+    @classmethod
+    def close_all(cls) -> None:
+        """Ends every viewer's Perspective session while the server still exists.
+
+        A session left for garbage collection at exit can outlive the
+        Perspective server it belongs to, and deleting its views then aborts
+        the process ("View not found").
+        """
+        for handler in list(cls.open):
+            handler.end_session()
+            handler.close(1001, "server shutting down")
 
 
 class ViewerHandler(PerspectiveTornadoHandler):
@@ -133,9 +145,11 @@ class ViewerHandler(PerspectiveTornadoHandler):
 
     def open(self):
         super().open()
-        Viewers.count += 1
+        Viewers.open.add(self)
 
     def on_message(self, message):
+        if not hasattr(self, "session"):
+            return  # shutting down
         if isinstance(message, bytes) and not read_only.is_allowed(message):
             Viewers.refused += 1
             reply = read_only.refusal(message)
@@ -144,11 +158,14 @@ class ViewerHandler(PerspectiveTornadoHandler):
             return
         super().on_message(message)
 
+    def end_session(self):
+        if hasattr(self, "session"):
+            self.session.close()
+            del self.session
+        Viewers.open.discard(self)
+
     def on_close(self):
-        super().on_close()
-        Viewers.count -= 1
-
-
+        self.end_session()
 class IndexHandler(tornado.web.RequestHandler):
     def get(self):
         self.set_header("Content-Type", "text/html; charset=utf-8")
@@ -242,7 +259,7 @@ async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.
             rows, lags = sync.take_figures()
             lag = (f"lag p50 {np.percentile(lags, 50):.0f} ms / max {lags.max():.0f} ms" if len(lags)
                    else "no new rows")
-            log.info("synced %s rows (%.0f rows/s), %s, %d viewer(s)%s", f"{rows:,}", rows / 10, lag, Viewers.count,
+            log.info("synced %s rows (%.0f rows/s), %s, %d viewer(s)%s", f"{rows:,}", rows / 10, lag, len(Viewers.open),
                      f", {Viewers.refused} write(s) refused" if Viewers.refused else "")
             next_report += 10
         try:
@@ -257,7 +274,14 @@ def start_embedded_producer(ch: connection.ClickHouseSettings, table: str) -> tu
     producer.create_table(client, table)
     stop = threading.Event()
     worker = producer.Producer(client, producer.ProducerSettings(table=table))
-    thread = threading.Thread(target=worker.run, args=(stop,), name="producer", daemon=True)
+
+    def produce():
+        try:
+            worker.run(stop)
+        except Exception as error:  # the server keeps serving what it has
+            log.error("the embedded producer stopped: %s", str(error).strip().splitlines()[0])
+
+    thread = threading.Thread(target=produce, name="producer", daemon=True)
     thread.start()
     return stop, thread
 
@@ -307,6 +331,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
 
     log.info("shutting down")
     http_server.stop()
+    Viewers.close_all()
     if producer_stop is not None:
         producer_stop.set()
         producer_thread.join(timeout=5)

@@ -104,9 +104,11 @@ def parse_request(data: bytes) -> tuple[int, bytes, int | None]:
 
 def is_allowed(data: bytes) -> bool:
     try:
-        return parse_request(data)[2] in VIEWER_REQUESTS
-    except MalformedRequest:
+        _, entity_id, kind = parse_request(data)
+        entity_id.decode("utf-8")  # protobuf strings must be UTF-8
+    except (MalformedRequest, UnicodeDecodeError):
         return False
+    return kind in VIEWER_REQUESTS
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -129,7 +131,8 @@ def refusal(data: bytes, message: str = "this dashboard is read-only") -> bytes 
     broken to answer."""
     try:
         msg_id, entity_id, _ = parse_request(data)
-    except MalformedRequest:
+        entity_id.decode("utf-8")
+    except (MalformedRequest, UnicodeDecodeError):
         return None
     error = _field(1, message.encode())  # ServerError.message; status_code 0 = SERVER_ERROR
     return _encode_varint(1 << 3) + _encode_varint(msg_id) + _field(2, entity_id) + _field(50, error)

@@ -91,3 +91,38 @@ def server_factory(tmp_path):
         server.stop()
 
 
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def open_viewer(port: int, origin: str | None = None):
+    """A Perspective client over a real websocket, as a second browser would be.
+
+    Returns (client, socket, reader task); cancel the reader when done.
+    """
+    import asyncio
+
+    import perspective
+    import tornado.httpclient
+    import tornado.websocket
+
+    request = tornado.httpclient.HTTPRequest(
+        f"ws://127.0.0.1:{port}/websocket", headers={"Origin": origin or f"http://127.0.0.1:{port}"})
+    socket = await tornado.websocket.websocket_connect(request)
+
+    async def send(message):
+        await socket.write_message(message, binary=True)
+
+    client = perspective.AsyncClient(send)
+
+    async def pump():
+        while (message := await socket.read_message()) is not None:
+            await client.handle_response(message)
+
+    return client, socket, asyncio.ensure_future(pump())

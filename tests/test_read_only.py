@@ -14,11 +14,12 @@ import random
 import perspective
 import pytest
 import tornado.httpclient
+import tornado.httpserver
 import tornado.testing
-import tornado.websocket
 
 import read_only
 from perspective_server import Viewers, make_app
+from servers import open_viewer
 
 ROWS = [{"ticker": "AAPL", "close": 1.0}, {"ticker": "MSFT", "close": 2.0}]
 
@@ -38,6 +39,7 @@ def capture_requests(actions) -> list[bytes]:
 
     client = perspective.Client(send)
     actions(client)
+    session.close()  # before the server goes: a session collected after it aborts the process
     return sent
 
 
@@ -81,23 +83,6 @@ def test_malformed_frames_are_refused_without_an_exception():
         allowed = read_only.is_allowed(frame)
         if allowed:  # random bytes that happen to parse as a viewer request
             assert read_only.parse_request(frame)[2] in read_only.VIEWER_REQUESTS
-
-
-async def open_viewer(port: int, origin: str):
-    request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/websocket", headers={"Origin": origin})
-    socket = await tornado.websocket.websocket_connect(request)
-
-    async def send(message):
-        await socket.write_message(message, binary=True)
-
-    client = perspective.AsyncClient(send)
-
-    async def pump():
-        while (message := await socket.read_message()) is not None:
-            await client.handle_response(message)
-
-    reader = asyncio.ensure_future(pump())
-    return client, socket, reader
 
 
 async def serve_demo_table(allowed_origins=()):

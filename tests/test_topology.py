@@ -1,0 +1,155 @@
+"""The README's three programs, each its own process, watched in a browser.
+
+ClickHouse, `python producer.py` and `python perspective_server.py --port P`
+run as separate OS processes with their real command lines, pointed at
+ClickHouse through CLICKHOUSE_* variables as a user would. ClickHouse is the
+chDB test harness (tests/chdb_http.py: a real engine behind part of the HTTP
+interface; there is no ClickHouse server on the build machines), or the
+server named by CLICKHOUSE_URL when that is set. Headless Chromium opens the
+page and watches rows arrive; then each program gets Ctrl-C (SIGINT) and must
+exit 0 within 5 seconds, and the rows the page showed must all be rows
+ClickHouse stored.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import clickhouse_connect
+import pytest
+
+import browser
+import chdb_http
+from servers import REPO, STARTUP_TIMEOUT_S, free_port
+
+EXIT_TIMEOUT_S = 5  # Ctrl-C to exit, for every program
+
+
+@dataclass
+class ClickHouse:
+    env: dict[str, str]  # CLICKHOUSE_* for the programs
+    harness: chdb_http.Harness | None  # None: the server of CLICKHOUSE_URL
+
+    def client(self):
+        return clickhouse_connect.get_client(
+            host=self.env["CLICKHOUSE_HOST"], port=int(self.env["CLICKHOUSE_PORT"]),
+            username=self.env["CLICKHOUSE_USER"], password=self.env["CLICKHOUSE_PASSWORD"],
+            secure=self.env.get("CLICKHOUSE_SECURE") == "1", autogenerate_session_id=False)
+
+    def count(self, table: str = "stock_values") -> int:
+        client = self.client()
+        try:
+            return client.command(f"SELECT count() FROM `{self.env['CLICKHOUSE_DB']}`.`{table}`")
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def clickhouse(tmp_path):
+    database = f"topology_{uuid.uuid4().hex[:12]}"
+    url = os.environ.get("CLICKHOUSE_URL")
+    if not url:
+        with chdb_http.running(tmp_path / "chdb-data") as harness:
+            yield ClickHouse({**harness.env(), "CLICKHOUSE_DB": database}, harness)
+        return
+    parts = urlsplit(url)
+    server = ClickHouse({"CLICKHOUSE_HOST": parts.hostname, "CLICKHOUSE_PORT": str(parts.port or 8123),
+                         "CLICKHOUSE_USER": unquote(parts.username or "default"),
+                         "CLICKHOUSE_PASSWORD": unquote(parts.password or ""), "CLICKHOUSE_DB": database,
+                         "CLICKHOUSE_SECURE": "1" if parts.scheme == "https" else ""}, None)
+    yield server
+    client = server.client()
+    client.command(f"DROP DATABASE IF EXISTS `{database}`")
+    client.close()
+
+
+class Program:
+    """`python <script> <args>` from the repository root, logging to a file."""
+
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path):
+        self.script, self.log_path = script, log_path
+        # The user's CLICKHOUSE_URL and friends would override ours.
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "CHDB_"))}
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env={**base, **env},
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return f"--- {self.script} (exit {self.proc.poll()}):\n" + self.log_path.read_text(errors="replace")
+
+    def interrupt(self) -> int | None:
+        """Ctrl-C; the exit code, or None if it is still running after EXIT_TIMEOUT_S."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_for_page(url: str, server: Program, others: list[Program]):
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail("perspective_server.py never served the page:\n" + "\n".join(p.log() for p in [server, *others]))
+
+
+def test_three_programs_fill_the_page_and_stop_cleanly(clickhouse, tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    producer = Program("producer.py", [], clickhouse.env, tmp_path / "producer.log")
+    server = Program("perspective_server.py", ["--port", str(port)], clickhouse.env, tmp_path / "server.log")
+    programs = [server, producer]
+    try:
+        wait_for_page(url, server, [producer])
+        with browser.launch_chromium() as context:
+            router = browser.CdnRouter().install(context)
+            page = context.new_page()
+            console = browser.ConsoleErrors(page)
+            page.goto(url)
+            try:
+                browser.wait_for_status(page, "live", timeout_ms=30_000)
+            except Exception:
+                router.assert_ok()  # a missing asset explains a stuck page
+                pytest.fail(f"page never went live ({browser.status(page)}); console: {console.errors}\n"
+                            + "\n".join(p.log() for p in programs))
+
+            # Rows keep arriving: producer -> ClickHouse -> server -> page.
+            first = browser.row_count(page)
+            grown = browser.wait_for_row_count_above(page, first, timeout_s=30)
+            assert grown > first, f"row count stayed at {first}:\n" + "\n".join(p.log() for p in programs)
+            shown = browser.row_count(page)
+
+            assert server.interrupt() == 0, server.log()
+        assert producer.interrupt() == 0, producer.log()
+
+        # Every row the page showed is a row ClickHouse stored, once.
+        stored = clickhouse.count()
+        assert stored > 0
+        assert shown <= stored, f"the page showed {shown} rows, ClickHouse has {stored}"
+    finally:
+        for program in programs:
+            program.kill()
+
+    if clickhouse.harness is not None:
+        assert clickhouse.harness.stop(signal.SIGINT, timeout=EXIT_TIMEOUT_S) == 0, clickhouse.harness.log()
