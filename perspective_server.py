@@ -123,7 +123,6 @@ class Viewers:
         """
         for handler in list(cls.open):
             handler.end_session()
-            handler.close(1001, "server shutting down")
 
 
 class ViewerHandler(PerspectiveTornadoHandler):
@@ -135,28 +134,41 @@ class ViewerHandler(PerspectiveTornadoHandler):
     answered with an error instead of reaching the Perspective server.
     """
 
-    def initialize(self, allowed_origins=frozenset(), **kwargs):
+    def initialize(self, allowed_origins=frozenset(), tables=(), **kwargs):
         super().initialize(**kwargs)
         self.allowed_origins = allowed_origins
+        self.tables = tables
 
     def check_origin(self, origin):
         # Tornado's own check: the Origin's host must equal the Host header.
         return origin in self.allowed_origins or tornado.websocket.WebSocketHandler.check_origin(self, origin)
 
     def open(self):
-        super().open()
+        self.gate = read_only.ViewerGate(self.tables)
+        self.refused = 0
+
+        self.session = self.server.new_session(lambda response: self.loop.add_callback(self._send, response))
         Viewers.open.add(self)
 
+    def _send(self, response: bytes):
+        try:
+            self.write_message(response, binary=True)
+        except tornado.websocket.WebSocketClosedError:
+            self.end_session()
+
     def on_message(self, message):
-        if not hasattr(self, "session"):
-            return  # shutting down
-        if isinstance(message, bytes) and not read_only.is_allowed(message):
+        if not isinstance(message, bytes) or not hasattr(self, "session"):
+            return  # text frames mean nothing to Perspective; no session: shutting down
+        if not self.gate.allows(message):
+            if not self.refused:  # once per connection: enough to see who and why
+                log.info("refused a request from %s: %s", self.request.remote_ip, self.gate.reason)
+            self.refused += 1
             Viewers.refused += 1
             reply = read_only.refusal(message)
             if reply is not None:
                 self.write_message(reply, binary=True)
             return
-        super().on_message(message)
+        self.session.handle_request(message)
 
     def end_session(self):
         if hasattr(self, "session"):
@@ -173,11 +185,12 @@ class IndexHandler(tornado.web.RequestHandler):
         self.write(INDEX_HTML.read_bytes())
 
 
-def make_app(perspective_server: perspective.Server, allowed_origins=()) -> tornado.web.Application:
-    """The page at / and Perspective's websocket at /websocket."""
+def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
+             allowed_origins=()) -> tornado.web.Application:
+    """The page at / and Perspective's websocket at /websocket, for `tables`."""
     return tornado.web.Application([
         (r"/", IndexHandler),
-        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server,
+        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, "tables": tuple(tables),
                                         "allowed_origins": frozenset(allowed_origins)}),
     ],
         # A viewer's requests are a few hundred bytes; nothing needs more.
@@ -304,7 +317,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         producer_stop, producer_thread = await run(start_embedded_producer, ch, settings.table)
 
     perspective_server = perspective.Server()
-    app = make_app(perspective_server, settings.allowed_origins)
+    app = make_app(perspective_server, [settings.table], settings.allowed_origins)
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:

@@ -182,3 +182,38 @@ def test_the_page_cannot_change_the_data(start_server, browser_context):
             return columns;
         }"""))
     assert server.stop() == 0
+
+
+def test_sort_filter_and_expressions_pass_the_read_only_gate(start_server, browser_context):
+    """The gate checks every view request field by field; the viewer's
+    everyday features must still get through."""
+    server = start_server()
+    page, router, console = open_page(browser_context, server.url)
+    wait_live(page, router, console)
+    browser.restore(page, {
+        "group_by": ["ticker"],
+        "split_by": [],
+        "columns": ["close", "spread"],
+        "expressions": {"spread": '"high" - "low"'},
+        "aggregates": {"close": "last", "spread": "avg"},
+        "sort": [["close", "desc"]],
+        "filter": [["ticker", "in", ["AAPL", "MSFT", "NVDA"]], ["volume", ">", 10]],
+    })
+    assert_grid_has_cells(page)
+    config = browser.viewer_config(page)
+    assert config["expressions"] == {"spread": '"high" - "low"'}
+    assert config["sort"] == [["close", "desc"]]
+    tickers = page.evaluate(
+        """async () => {
+            const viewer = document.querySelector("perspective-viewer");
+            const view = await (await viewer.getTable()).view({
+                group_by: ["ticker"], columns: ["close"],
+                filter: [["ticker", "in", ["AAPL", "MSFT", "NVDA"]]]});
+            const columns = await view.to_columns();
+            await view.delete();
+            return columns.__ROW_PATH__.filter((path) => path.length).map((path) => path[0]);
+        }""")
+    assert set(tickers) <= {"AAPL", "MSFT", "NVDA"} and tickers
+    router.assert_ok()
+    assert console.errors == []
+    assert "refused a request" not in server.log()

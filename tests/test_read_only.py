@@ -89,7 +89,7 @@ async def serve_demo_table(allowed_origins=()):
     server = perspective.Server()
     table = server.new_local_client().table(ROWS, name="stock_values")
     sock, port = tornado.testing.bind_unused_port()
-    http = tornado.httpserver.HTTPServer(make_app(server, allowed_origins))
+    http = tornado.httpserver.HTTPServer(make_app(server, allowed_origins=allowed_origins))
     http.add_sockets([sock])
     return http, port, table
 
