@@ -1,0 +1,468 @@
+"""How fast do rows get from ClickHouse into a Perspective table?
+
+A benchmark, not a test. It fills the producer's `stock_values` table in an
+embedded ClickHouse (chDB, in memory) with N rows from `producer.Market`, then
+times three ways of loading those same N rows into a fresh Perspective table:
+
+  a. this project's path, exactly what perspective_server.py runs at start:
+     `Sync(tail, table).backfill(N)`, i.e. `Tail.backfill` (query_arrow,
+     Cursor.accept) -> `to_ipc` -> `Table.update(ipc_bytes)`;
+  b. the predecessor's path: `query_df("SELECT * ...")` ->
+     `df.to_dict("records")` -> `Table.update(records)`. Perspective 4.3.0
+     serialises a list of dicts with Python's json module, which rejects
+     pandas Timestamps and UUIDs (the predecessor patched json.JSONEncoder
+     globally). Here the datetime columns are converted to int64 ms since the
+     epoch and the UUID column to str, vectorised in pandas before to_dict;
+     that conversion is inside the timing. It is cheaper than a per-value
+     encoder hook, so this path is, if anything, flattered;
+  c. the ceiling: only `Table.update(ipc_bytes)` of the bytes path (a) feeds,
+     made before the clock starts. No ClickHouse path can beat it.
+
+Each timed run gets a new perspective.Server, a table made as the server
+makes it (from the tail's empty Arrow batch) with `limit=N`, and ends with `table.size()`
+(inside the timing, so deferred work is counted) which must equal N. Paths run
+interleaved (a, c, b, a, c, b, ...) so drift hits all of them alike, with the
+records path last in each round because of the memory it leaves behind;
+rows/s is from the best of --repeat runs, the median is shown beside it.
+Before the timed runs, path (a) runs once untimed to make the ceiling's bytes
+and once with a stopwatch on each step, to show where its time goes.
+
+Run it from the repository root:
+
+    python bench/sync_throughput.py                       # 1,000,000 rows, best of 3
+    python bench/sync_throughput.py --rows 1000000 5000000 --records-max-rows 1000000
+    python bench/sync_throughput.py --rows 20000 --repeat 1   # CI smoke run, a few seconds
+    python bench/sync_throughput.py --json results.json
+
+Sample output (2 cores, perspective-python 4.3.0, chDB 4.4.0):
+
+    $ python bench/sync_throughput.py --rows 1000000 --repeat 3
+    machine: nproc 2, python 3.11.7, ..., perspective-python 4.3.0, clickhouse-connect 1.12.0,
+             chdb 4.4.0, clickhouse 26.9.2.1, pyarrow 26.0.1, pandas 3.1.1
+    ...
+    rows/s from the best of 3 run(s); each run loads a fresh Perspective table
+    path                                   rows  best s  median s   rows/s  vs records  % of ceiling
+    a. Tail -> IPC -> update (this)   1,000,000   3.731     4.749  268,024        5.0x           70%
+    b. query_df -> records -> update  1,000,000  18.780    19.698   53,249        1.0x           14%
+    c. update(IPC) only (ceiling)     1,000,000   2.609     2.945  383,249        7.2x          100%
+
+    path a step by step, 1,000,000 rows, one run (Arrow 133 MB, IPC 125 MB):
+      query_arrow              1.100 s    19%
+      Cursor.accept            0.961 s    17%
+      rest of Tail.backfill    0.007 s     0%
+      drop cursor + to_ipc     0.321 s     6%
+      Table.update + size      3.332 s    58%
+      total                    5.723 s
+
+On this table most of Table.update's time goes to the `id` column: a million
+distinct UUID strings, which Perspective interns one by one (and more slowly
+per row as the table grows). `--exclude id` shows the same paths without it.
+Timings on small shared VMs vary by 20-30% from run to run.
+
+It exits 1 if a table ends up with a row count other than N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import clickhouse_connect  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import perspective  # noqa: E402
+
+import producer  # noqa: E402
+from clickhouse_types import quote  # noqa: E402
+from perspective_server import Sync, to_ipc  # noqa: E402
+from tailer import CURSOR, Tail  # noqa: E402
+
+TABLE = "stock_values"
+DATABASE = "demo"
+CHUNK = 100_000  # rows per insert while filling the table
+START_MS = 1_700_000_000_000  # event time (ms) of the first batch; later batches add the rows before them
+OVERLAP = 3.0  # perspective_server.py's default --overlap
+
+PATHS = {
+    "tail": "a. Tail -> IPC -> update (this)",
+    "records": "b. query_df -> records -> update",
+    "ceiling": "c. update(IPC) only (ceiling)",
+}
+# Run order within a round: the records path last, because it leaves the
+# most memory behind (gigabytes at 5M rows) for the allocator to hand back.
+RUN_ORDER = ("tail", "ceiling", "records")
+
+
+class SizeMismatch(Exception):
+    pass
+
+
+@dataclass
+class Result:
+    path: str
+    rows: int
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.best
+
+
+# ---- the data ------------------------------------------------------------
+
+def connect():
+    client = clickhouse_connect.get_client(dsn="chdb://memory")
+    client.command(f"CREATE DATABASE IF NOT EXISTS {DATABASE}")
+    client.database = DATABASE
+    producer.create_table(client, TABLE)
+    return client
+
+
+def fill(client, market: producer.Market, have: int, want: int) -> int:
+    """Inserts rows until the table holds `want`; returns the new count."""
+    while have < want:
+        rows = min(CHUNK, want - have)
+        client.insert_arrow(TABLE, market.batch(rows, START_MS + have))
+        have += rows
+    # One part: background merges would otherwise compete with the timed runs.
+    client.command(f"OPTIMIZE TABLE {TABLE} FINAL")
+    count = client.query(f"SELECT count() FROM {TABLE}").result_rows[0][0]
+    if count != want:
+        raise SizeMismatch(f"{TABLE} holds {count:,} rows after filling, expected {want:,}")
+    return count
+
+
+def new_tail(client, exclude: tuple[str, ...] = ()) -> Tail:
+    tail = Tail(client, TABLE, "inserted_at", "id", OVERLAP)
+    tail.describe()
+    # --exclude: leave columns out of the Perspective table. The key is
+    # still read (Tail selects `key_column` on its own), so dedup is unchanged.
+    tail.columns = [column for column in tail.columns if column.name not in exclude]
+    return tail
+
+
+def release_memory() -> None:
+    """Collects garbage and asks glibc to return freed heap pages to the OS."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def rss_gb() -> float:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError):
+        return float("nan")
+
+
+def new_table(schema: bytes, rows: int):
+    """`schema` is the Arrow IPC of an empty batch, as the server creates its table."""
+    return perspective.Server().new_local_client().table(schema, limit=rows)
+
+
+def check_size(size: int, rows: int, path: str) -> None:
+    if size != rows:
+        raise SizeMismatch(f"{PATHS[path]}: Perspective table has {size:,} rows, expected {rows:,}")
+
+
+# ---- the three paths ----------------------------------------------------
+# Each returns the seconds from the first query to a table holding `rows`.
+
+def run_tail(client, schema, rows: int, exclude: tuple[str, ...]) -> float:
+    tail = new_tail(client, exclude)  # the server describes the table once, at start
+    table = new_table(schema, rows)
+    sync = Sync(tail, table)
+    started = time.perf_counter()
+    sync.backfill(rows)
+    size = table.size()
+    seconds = time.perf_counter() - started
+    check_size(size, rows, "tail")
+    table.delete()
+    return seconds
+
+
+def records_frame_to_json_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """What json.dumps needs: datetimes as int64 ms since the epoch, UUIDs as str."""
+    for name in df.columns:
+        column = df[name]
+        if pd.api.types.is_datetime64_any_dtype(column):
+            if getattr(column.dt, "tz", None) is not None:
+                column = column.dt.tz_convert("UTC").dt.tz_localize(None)
+            df[name] = column.to_numpy().astype("datetime64[ms]").astype(np.int64)
+        elif column.dtype == object and len(column) and not isinstance(column.iloc[0], str):
+            df[name] = column.map(str)
+    return df
+
+
+def run_records(client, schema, rows: int, exclude: tuple[str, ...]) -> float:
+    columns = "*" if not exclude else "* EXCEPT (" + ", ".join(quote(name) for name in exclude) + ")"
+    table = new_table(schema, rows)
+    started = time.perf_counter()
+    df = client.query_df(f"SELECT {columns} FROM {TABLE} ORDER BY inserted_at DESC LIMIT {rows}")
+    records = records_frame_to_json_safe(df).to_dict("records")
+    table.update(records)
+    size = table.size()
+    seconds = time.perf_counter() - started
+    del df, records
+    check_size(size, rows, "records")
+    table.delete()
+    return seconds
+
+
+def ceiling_ipc(client, rows: int, exclude: tuple[str, ...]) -> bytes:
+    """The exact bytes path (a) hands to Table.update, made outside any timing."""
+    return to_ipc(new_tail(client, exclude).backfill(rows).drop_columns([CURSOR]))
+
+
+def run_ceiling(ipc: bytes, schema, rows: int) -> float:
+    table = new_table(schema, rows)
+    started = time.perf_counter()
+    table.update(ipc)
+    size = table.size()
+    seconds = time.perf_counter() - started
+    check_size(size, rows, "ceiling")
+    table.delete()
+    return seconds
+
+
+# ---- where path (a) spends its time --------------------------------------
+
+class _TimedClient:
+    """Passes everything to the client; clocks query_arrow."""
+
+    def __init__(self, client):
+        self._client = client
+        self.seconds = 0.0
+
+    def query_arrow(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return self._client.query_arrow(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+
+def breakdown(client, schema, rows: int, exclude: tuple[str, ...]) -> dict:
+    """Path (a) once, step by step, in the order Sync.backfill runs them."""
+    timed_client = _TimedClient(client)
+    tail = new_tail(client, exclude)
+    tail.client = timed_client
+    accept = tail.cursor.accept
+    accept_seconds = [0.0]
+
+    def timed_accept(arrow):
+        started = time.perf_counter()
+        try:
+            return accept(arrow)
+        finally:
+            accept_seconds[0] += time.perf_counter() - started
+
+    tail.cursor.accept = timed_accept
+    table = new_table(schema, rows)
+
+    started = time.perf_counter()
+    fetched = tail.backfill(rows)
+    backfill_s = time.perf_counter() - started
+    t = time.perf_counter()
+    ipc = to_ipc(fetched.drop_columns([CURSOR]))
+    to_ipc_s = time.perf_counter() - t
+    t = time.perf_counter()
+    table.update(ipc)
+    size = table.size()
+    update_s = time.perf_counter() - t
+    total = time.perf_counter() - started
+    check_size(size, rows, "tail")
+    table.delete()
+    steps = {
+        "query_arrow": timed_client.seconds,
+        "Cursor.accept": accept_seconds[0],
+        "rest of Tail.backfill": backfill_s - timed_client.seconds - accept_seconds[0],
+        "drop cursor + to_ipc": to_ipc_s,
+        "Table.update + size": update_s,
+    }
+    return {"rows": rows, "total_s": total, "steps_s": steps,
+            "arrow_mb": fetched.nbytes / 1e6, "ipc_mb": len(ipc) / 1e6}
+
+
+# ---- report --------------------------------------------------------------
+
+def machine(client) -> dict:
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count()
+    return {
+        "nproc": cpus,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "perspective-python": version("perspective-python"),
+        "clickhouse-connect": version("clickhouse-connect"),
+        "chdb": version("chdb"),
+        "clickhouse": client.query("SELECT version()").result_rows[0][0],
+        "pyarrow": version("pyarrow"),
+        "pandas": version("pandas"),
+    }
+
+
+def print_results(results: list[Result], repeat: int) -> None:
+    header = ("path", "rows", "best s", "median s", "rows/s", "vs records", "% of ceiling")
+    lines = []
+    for result in results:
+        same = {r.path: r for r in results if r.rows == result.rows}
+        records = same.get("records")
+        ceiling = same.get("ceiling")
+        lines.append((
+            PATHS[result.path],
+            f"{result.rows:,}",
+            f"{result.best:.3f}",
+            f"{result.median:.3f}",
+            f"{result.rows_per_s:,.0f}",
+            f"{result.rows_per_s / records.rows_per_s:.1f}x" if records else "n/a",
+            f"{100 * result.rows_per_s / ceiling.rows_per_s:.0f}%" if ceiling else "n/a",
+        ))
+    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
+    print(f"\nrows/s from the best of {repeat} run(s); each run loads a fresh Perspective table")
+    for row in [header, *lines]:
+        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+def print_breakdown(item: dict) -> None:
+    print(f"\npath a step by step, {item['rows']:,} rows, one run "
+          f"(Arrow {item['arrow_mb']:.0f} MB, IPC {item['ipc_mb']:.0f} MB):")
+    width = max(map(len, item["steps_s"]))
+    for step, seconds in item["steps_s"].items():
+        print(f"  {step.ljust(width)}  {seconds:7.3f} s  {100 * seconds / item['total_s']:4.0f}%")
+    print(f"  {'total'.ljust(width)}  {item['total_s']:7.3f} s")
+
+
+# ---- main ----------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="ClickHouse -> Perspective sync throughput, three paths side by side.")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000],
+                        help="table sizes to measure (default 1000000); several run one after another")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per path and size (default 3)")
+    parser.add_argument("--records-max-rows", type=int, default=None,
+                        help="skip the slow records path (b) above this many rows (default: never skip)")
+    parser.add_argument("--exclude", metavar="COLUMN", nargs="+", default=[],
+                        help="leave these columns out of the Perspective table in all paths, e.g. "
+                             "--exclude id to see what the unique UUID strings cost")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step run of path a")
+    parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    if min(args.rows) < 1:
+        parser.error("--rows must be at least 1")
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    client = connect()
+    info = machine(client)
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    print("records path (b): datetimes -> int64 ms and UUID -> str in pandas before to_dict, timed")
+
+    exclude = tuple(args.exclude)
+    known = {column.name for column in new_tail(client).columns}
+    if set(exclude) - known:
+        print(f"error: --exclude {' '.join(sorted(set(exclude) - known))}: no such column in {TABLE} "
+              f"(columns: {', '.join(sorted(known))})", file=sys.stderr)
+        return 2
+    if exclude:
+        print("columns left out of the Perspective table: " + ", ".join(exclude))
+    market = producer.Market(seed=1)
+    have = 0
+    results: list[Result] = []
+    breakdowns: list[dict] = []
+    try:
+        for rows in sorted(set(args.rows)):
+            started = time.perf_counter()
+            have = fill(client, market, have, rows)
+            print(f"\n{rows:,} rows in {TABLE} (filled in {time.perf_counter() - started:.1f} s)", flush=True)
+            schema = to_ipc(new_tail(client, exclude).empty())
+            ipc = ceiling_ipc(client, rows, exclude)
+            with_records = args.records_max_rows is None or rows <= args.records_max_rows
+            if not with_records:
+                print(f"  records path skipped: {rows:,} > --records-max-rows {args.records_max_rows:,}")
+            runs = {path: Result(path, rows) for path in PATHS if with_records or path != "records"}
+            if not args.no_breakdown:
+                # Before the timed runs: after the records path has run, the
+                # heap it leaves behind can slow the next run down.
+                release_memory()
+                breakdowns.append(breakdown(client, schema, rows, exclude))
+            for attempt in range(args.repeat):
+                for path in RUN_ORDER:
+                    if path not in runs:
+                        continue
+                    release_memory()
+                    before = rss_gb()
+                    if path == "tail":
+                        seconds = run_tail(client, schema, rows, exclude)
+                    elif path == "records":
+                        seconds = run_records(client, schema, rows, exclude)
+                    else:
+                        seconds = run_ceiling(ipc, schema, rows)
+                    runs[path].seconds.append(seconds)
+                    print(f"  run {attempt + 1}/{args.repeat}  {PATHS[path]:<34} {seconds:8.3f} s"
+                          f"  {rows / seconds:>12,.0f} rows/s   (RSS before {before:.1f} GB)", flush=True)
+            del ipc
+            results.extend(runs[p] for p in PATHS if p in runs)
+    except SizeMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+    print_results(results, args.repeat)
+    for item in breakdowns:
+        print_breakdown(item)
+
+    if args.json:
+        payload = {
+            "machine": info,
+            "repeat": args.repeat,
+            "excluded_columns": list(exclude),
+            "records_conversion": "datetime64 -> int64 ms, UUID -> str (pandas, vectorised), inside the timing",
+            "results": [{**asdict(r), "best_s": r.best, "median_s": r.median, "rows_per_s": r.rows_per_s}
+                        for r in results],
+            "breakdown_path_a": breakdowns,
+        }
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
