@@ -68,6 +68,7 @@ class ServerSettings:
     cursor: str = "inserted_at"
     key: str = "id"
     allowed_origins: tuple[str, ...] = ()
+    table_wait: float = 0.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -87,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     parser.add_argument("--table", default=connection.TABLE, help="table to tail (default stock_values)")
     parser.add_argument("--cursor", default="inserted_at",
                         help="DateTime64 column ClickHouse stamps at insert (default inserted_at)")
+    parser.add_argument("--table-wait", type=float, default=0, metavar="SECONDS",
+                        help="give up if the table does not exist after this long (default 0: wait for ever)")
     parser.add_argument("--key", default="id",
                         help="column unique per row (default id); '' compares whole rows")
     connection.add_arguments(parser, embedded=True)
@@ -99,12 +102,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error("--limit must be at least 1")
     if args.overlap < 0:
         parser.error("--overlap must be zero or more seconds")
+    if args.table_wait < 0:
+        parser.error("--table-wait must be zero or more seconds")
     try:
         ch = connection.settings_from_args(args)
     except connection.SetupError as error:
         parser.error(str(error))
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
-                              args.table, args.cursor, args.key or "", tuple(args.allow_origin))
+                              args.table, args.cursor, args.key or "", tuple(args.allow_origin),
+                              args.table_wait)
     return settings, ch
 
 
@@ -239,18 +245,24 @@ class Sync:
         return rows, lags
 
 
-async def wait_for_table(tail: Tail, run) -> None:
-    """Waits for the producer to create the table; other problems are fatal."""
+async def wait_for_table(tail: Tail, run, patience: float = 0) -> None:
+    """Waits for the producer to create the table, for `patience` seconds
+    (0: for ever); other problems are fatal."""
     announced = False
+    deadline = time.monotonic() + patience
     while True:
         try:
             await run(tail.describe)
             return
         except TableNotFound:
+            if patience and time.monotonic() >= deadline:
+                raise connection.SetupError(
+                    f"table {tail.table} does not exist after {patience:g} s: start producer.py, "
+                    "or name your table with --table") from None
             if not announced:
                 log.info("waiting for table %s to exist (start producer.py)", tail.table)
                 announced = True
-            await asyncio.sleep(1)
+            await asyncio.sleep(min(1.0, patience) if patience else 1.0)
 
 
 async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.Event) -> None:
@@ -329,7 +341,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
 
     tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap)
     try:
-        await wait_for_table(tail, run)
+        await wait_for_table(tail, run, settings.table_wait)
     except SchemaError as error:
         raise connection.SetupError(str(error)) from None
     for name, clickhouse_type in tail.skipped:

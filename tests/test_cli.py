@@ -103,3 +103,47 @@ def test_a_table_without_a_cursor_column_is_refused_with_the_fix(new_client):
     tail = Tail(client, "plain", "inserted_at", None, 3.0)
     with pytest.raises(SchemaError, match="ADD COLUMN inserted_at DateTime64"):
         tail.describe()
+
+
+@pytest.fixture
+def clickhouse_http(tmp_path):
+    """A ClickHouse HTTP endpoint (the chDB test harness) with user demo / password demo."""
+    import chdb_http
+
+    with chdb_http.running(tmp_path / "engine") as harness:
+        yield harness
+
+
+def run_against(harness, script, *args, password="demo"):
+    return subprocess.run(
+        [sys.executable, script, "--ch-host", "127.0.0.1", "--ch-port", str(harness.port), "--wait", "0", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={"PATH": "/usr/bin:/bin", "CLICKHOUSE_USER": "demo", "CLICKHOUSE_PASSWORD": password})
+
+
+@pytest.mark.parametrize("script", ["producer.py", "perspective_server.py"])
+def test_a_wrong_password_is_one_line_naming_the_settings(clickhouse_http, script):
+    result = run_against(clickhouse_http, script, password="not-the-password")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        f"{script}: ClickHouse at http://127.0.0.1:{clickhouse_http.port} refused user 'demo': "
+        "check CLICKHOUSE_USER and CLICKHOUSE_PASSWORD"]
+    assert "not-the-password" not in result.stdout + result.stderr
+
+
+def test_an_unknown_host_is_one_line_naming_it():
+    result = run_script("producer.py", "--ch-host", "no-such-host.invalid", "--wait", "0")
+    assert result.returncode == 1
+    assert error_lines(result) == [
+        "producer.py: cannot reach ClickHouse at http://no-such-host.invalid:8123: start it with ./docker.sh, "
+        "or run without Docker: python perspective_server.py --embedded"]
+
+
+def test_a_missing_table_is_one_line_once_the_wait_is_over(clickhouse_http):
+    result = run_against(clickhouse_http, "perspective_server.py", "--table", "no_such_table",
+                         "--table-wait", "1", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "waiting for table no_such_table to exist" in result.stderr
+    assert error_lines(result) == [
+        "perspective_server.py: table no_such_table does not exist after 1 s: start producer.py, "
+        "or name your table with --table"]
