@@ -218,6 +218,21 @@ def _error_code(error: Exception) -> int | None:
     return None
 
 
+_REASONS = ("Connection refused", "Remote end closed connection", "Connection reset", "timed out",
+            "Name or service not known", "Temporary failure in name resolution", "Connection aborted")
+
+
+def short_reason(error: Exception) -> str:
+    """A few words for a log line. The driver's own message for a network
+    error quotes the whole request URL, statement and settings included."""
+    text = str(error).strip()
+    for reason in _REASONS:
+        if reason.lower() in text.lower():
+            return reason
+    first_line = text.splitlines()[0] if text else type(error).__name__
+    return first_line if len(first_line) <= 200 else first_line[:197] + "..."
+
+
 def explain(error: Exception, settings: ClickHouseSettings) -> str:
     """Turns a connection failure into one line that names what to change."""
     code = _error_code(error)

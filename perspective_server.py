@@ -277,8 +277,7 @@ async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.
                 outage_logged = False
         except Exception as error:  # keep serving what we have; retry next tick
             if not outage_logged:
-                log.warning("poll failed, retrying: %s", str(error).strip().splitlines()[0] if str(error).strip()
-                            else type(error).__name__)
+                log.warning("poll failed, retrying: %s", connection.short_reason(error))
                 outage_logged = True
         if time.monotonic() >= next_report:
             rows, lags = sync.take_figures()
@@ -304,7 +303,7 @@ def start_embedded_producer(ch: connection.ClickHouseSettings, table: str) -> tu
         try:
             worker.run(stop)
         except Exception as error:  # the server keeps serving what it has
-            log.error("the embedded producer stopped: %s", str(error).strip().splitlines()[0])
+            log.error("the embedded producer stopped: %s", connection.short_reason(error))
 
     thread = threading.Thread(target=produce, name="producer", daemon=True)
     thread.start()

@@ -191,7 +191,7 @@ class Producer:
                     raise
                 backoff = min(max(backoff * 2, self.settings.interval), 10.0)
                 log.warning("insert failed (%s); retrying in %.1f s with %s rows pending",
-                            _first_line(error), backoff, f"{self.pending_rows:,}")
+                            connection.short_reason(error), backoff, f"{self.pending_rows:,}")
             now = time.monotonic()
             if now >= next_report:
                 rows = self.inserted_rows - reported[0]
@@ -210,12 +210,7 @@ class Producer:
         try:
             self.flush()
         except Exception as error:
-            log.warning("exiting with %s rows not written: %s", f"{self.pending_rows:,}", _first_line(error))
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+            log.warning("exiting with %s rows not written: %s", f"{self.pending_rows:,}", connection.short_reason(error))
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ProducerSettings, connection.ClickHouseSettings]:
@@ -267,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         producer.run(stop)
     except Exception as error:
-        print(f"producer.py: ClickHouse rejected an insert into {settings.table}: {_first_line(error)} "
+        print(f"producer.py: ClickHouse rejected an insert into {settings.table}: {connection.short_reason(error)} "
               f"({producer.pending_rows:,} rows not written)", file=sys.stderr)
         return 1
     log.info("stopped after inserting %s rows", f"{producer.inserted_rows:,}")
