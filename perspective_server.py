@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import errno
 import logging
 import signal
@@ -245,15 +246,15 @@ class Sync:
         return rows, lags
 
 
-async def wait_for_table(tail: Tail, run, patience: float = 0) -> None:
+async def wait_for_table(tail: Tail, run, stop: asyncio.Event, patience: float = 0) -> bool:
     """Waits for the producer to create the table, for `patience` seconds
-    (0: for ever); other problems are fatal."""
+    (0: for ever). False if the server is stopped meanwhile."""
     announced = False
     deadline = time.monotonic() + patience
-    while True:
+    while not stop.is_set():
         try:
             await run(tail.describe)
-            return
+            return True
         except TableNotFound:
             if patience and time.monotonic() >= deadline:
                 raise connection.SetupError(
@@ -262,7 +263,23 @@ async def wait_for_table(tail: Tail, run, patience: float = 0) -> None:
             if not announced:
                 log.info("waiting for table %s to exist (start producer.py)", tail.table)
                 announced = True
-            await asyncio.sleep(min(1.0, patience) if patience else 1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), min(1.0, patience) if patience else 1.0)
+        except SchemaError as error:
+            raise connection.SetupError(str(error)) from None
+    return False
+
+
+async def start_sync(tail: Tail, perspective_server: perspective.Server, settings: ServerSettings, run) -> Sync:
+    """Creates the Perspective table from the described ClickHouse table and backfills it."""
+    for name, clickhouse_type in tail.skipped:
+        log.warning("column %s (%s) has no Perspective type; it is left out", name, clickhouse_type)
+    empty = await run(tail.empty)
+    table = perspective_server.new_local_client().table(to_ipc(empty), limit=settings.limit, name=settings.table)
+    sync = Sync(tail, table)
+    backfilled = await run(sync.backfill, settings.limit)
+    log.info("backfilled %s rows into Perspective table %s", f"{backfilled:,}", settings.table)
+    return sync
 
 
 async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.Event) -> None:
@@ -339,19 +356,9 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
 
     tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap)
-    try:
-        await wait_for_table(tail, run, settings.table_wait)
-    except SchemaError as error:
-        raise connection.SetupError(str(error)) from None
-    for name, clickhouse_type in tail.skipped:
-        log.warning("column %s (%s) has no Perspective type; it is left out", name, clickhouse_type)
-    empty = await run(tail.empty)
-    table = perspective_server.new_local_client().table(to_ipc(empty), limit=settings.limit, name=settings.table)
-    sync = Sync(tail, table)
-    backfilled = await run(sync.backfill, settings.limit)
-    log.info("backfilled %s rows into Perspective table %s", f"{backfilled:,}", settings.table)
-
-    await sync_forever(sync, settings, run, stop)
+    if await wait_for_table(tail, run, stop, settings.table_wait):
+        sync = await start_sync(tail, perspective_server, settings, run)
+        await sync_forever(sync, settings, run, stop)
 
     log.info("shutting down")
     http_server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import logging
 import socket
 import subprocess
@@ -90,7 +91,8 @@ def test_the_server_waits_for_a_table_that_does_not_exist_yet(new_client, caplog
     creator.start()
     started = time.monotonic()
     with caplog.at_level(logging.INFO, logger="server"):
-        asyncio.run(asyncio.wait_for(wait_for_table(tail, asyncio.to_thread), timeout=30))
+        found = asyncio.run(asyncio.wait_for(wait_for_table(tail, asyncio.to_thread, asyncio.Event()), timeout=30))
+    assert found
     creator.join()
     assert time.monotonic() - started >= 1.0, "it returned before the table existed"
     assert "waiting for table stock_values to exist" in caplog.text
@@ -147,3 +149,49 @@ def test_a_missing_table_is_one_line_once_the_wait_is_over(clickhouse_http):
     assert error_lines(result) == [
         "perspective_server.py: table no_such_table does not exist after 1 s: start producer.py, "
         "or name your table with --table"]
+
+
+def listening_addresses(port: int) -> set[str]:
+    """Local addresses with a socket listening on `port`, from /proc/net/tcp{,6}."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(socket.inet_ntop(socket.AF_INET, bytes.fromhex(address)[::-1])
+                          if len(address) == 8 else address)
+    return found
+
+
+def test_the_server_listens_on_loopback_only_and_keeps_the_password_to_itself(tmp_path):
+    import urllib.request
+
+    import chdb_http
+
+    secret = "pw-4821-never-shown"
+    port = free_port()
+    with chdb_http.running(tmp_path / "engine", password=secret) as harness:
+        log_path = tmp_path / "server.log"
+        with open(log_path, "w") as log_file:
+            server = subprocess.Popen(
+                [sys.executable, "perspective_server.py", "--ch-host", "127.0.0.1", "--ch-port", str(harness.port),
+                 "--port", str(port)],
+                cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                env={"PATH": "/usr/bin:/bin", "CLICKHOUSE_USER": "demo", "CLICKHOUSE_PASSWORD": secret})
+            try:
+                page = b""
+                for _ in range(100):
+                    try:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                            page = response.read()
+                        break
+                    except OSError:
+                        time.sleep(0.2)
+                assert page, log_path.read_text()
+                assert listening_addresses(port) == {"127.0.0.1"}
+            finally:
+                server.send_signal(signal.SIGINT)
+                assert server.wait(timeout=10) == 0
+    assert secret.encode() not in page
+    assert secret not in log_path.read_text()
