@@ -62,7 +62,7 @@ INDEX_HTML = Path(__file__).with_name("index.html")
 class ServerSettings:
     port: int = 8080
     bind: str = "127.0.0.1"
-    interval: float = 0.25
+    interval: float = 0.1
     limit: int = 10_000
     overlap: float = 3.0
     table: str = connection.TABLE
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     parser.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                         help="also accept websockets from pages at ORIGIN, e.g. https://intranet.example "
                              "(repeatable; by default only the page this server serves)")
-    parser.add_argument("--interval", type=float, default=0.25, help="seconds between polls (default 0.25)")
+    parser.add_argument("--interval", type=float, default=0.1, help="seconds between polls (default 0.1)")
     parser.add_argument("--limit", type=int, default=10_000,
                         help="rows kept in the browser table, oldest dropped first (default 10,000)")
     parser.add_argument("--overlap", type=float, default=3.0,

@@ -76,10 +76,15 @@ class Cursor:
         if fresh.num_rows:
             newest = pc.max(fresh.column(CURSOR)).as_py()
             self.watermark = newest if self.watermark is None else max(self.watermark, newest)
-            self.delivered = pa.concat_tables([self.delivered, fresh.select([KEY, CURSOR])])
+        # Remember every key read, with the newest cursor it was read at: a
+        # second copy of a delivered row, stored later, must stay suppressed
+        # for as long as a poll can read it, not only as long as the first.
+        plain = pa.schema([(KEY, rows.schema.field(KEY).type), (CURSOR, pa.int64())])
+        remembered = pa.concat_tables([self.delivered.cast(plain), rows.select([KEY, CURSOR]).cast(plain)])
         lower = self.lower_bound
-        if lower is not None:
-            self.delivered = self.delivered.filter(pc.greater_equal(self.delivered.column(CURSOR), lower))
+        remembered = remembered.filter(pc.greater_equal(remembered.column(CURSOR), lower))
+        newest_per_key = remembered.group_by(KEY, use_threads=False).aggregate([(CURSOR, "max")])
+        self.delivered = pa.table({KEY: newest_per_key.column(KEY), CURSOR: newest_per_key.column(f"{CURSOR}_max")})
         return fresh
 
 

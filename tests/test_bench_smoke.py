@@ -21,3 +21,21 @@ def test_sync_throughput_benchmark_runs_all_three_paths():
     for path in ("a. Tail -> IPC -> update (this)", "b. query_df -> records -> update",
                  "c. update(IPC) only (ceiling)"):
         assert path in result.stdout
+
+
+def run_bench(script: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-2000:])
+    return result.stdout
+
+
+def test_freshness_benchmark_measures_both_hops_for_both_schemes():
+    output = run_bench("freshness.py", "--smoke")
+    for row in ("1. insert -> Python client (ws)", "2. insert -> page, drawn (flush+frame)", "predecessor"):
+        assert row in output
+
+
+def test_fanout_benchmark_reports_every_viewer_complete():
+    output = run_bench("fanout.py", "--smoke")
+    assert "0/5" in output  # no viewer missed a row

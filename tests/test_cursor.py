@@ -169,3 +169,18 @@ def test_empty_input_returns_empty_and_leaves_state_unchanged(history):
     assert fresh.num_rows == 0
     assert (cursor.watermark, cursor.lower_bound) == before[:2]
     assert cursor.delivered.equals(before[2])
+
+
+def test_a_later_second_copy_of_a_delivered_row_stays_suppressed():
+    """ClickHouse stored a row twice, the copy a second later (say a batch
+    resent past the deduplication window): the viewer still sees it once,
+    also after the first copy has left the overlap window."""
+    cursor = Cursor(OVERLAP_US)
+    assert keys(cursor.accept(rows(("a", T0), ("b", T0)))) == ["a", "b"]
+    copy = ("a", T0 + 1_000_000)
+    assert keys(cursor.accept(rows(("a", T0), ("b", T0), copy))) == []
+    # New rows move the watermark so far that the first copy is out of the
+    # window (T0 < T0 + 4 s - 3 s), but the second one is still read.
+    later = ("c", T0 + 4_000_000)
+    assert keys(cursor.accept(rows(copy, later))) == ["c"]
+    assert keys(cursor.accept(rows(copy, later))) == []
