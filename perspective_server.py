@@ -70,6 +70,7 @@ class ServerSettings:
     key: str = "id"
     allowed_origins: tuple[str, ...] = ()
     table_wait: float = 0.0
+    show_key: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -93,6 +94,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                         help="give up if the table does not exist after this long (default 0: wait for ever)")
     parser.add_argument("--key", default="id",
                         help="column unique per row (default id); '' compares whole rows")
+    parser.add_argument("--show-key", action="store_true",
+                        help="also send the --key column to the browser; by default it is only used to "
+                             "drop re-read rows, because Perspective keeps every distinct string it has "
+                             "seen, so a unique id column grows its memory without bound")
     connection.add_arguments(parser, embedded=True)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
@@ -111,7 +116,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error(str(error))
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
-                              args.table_wait)
+                              args.table_wait, args.show_key)
     return settings, ch
 
 
@@ -355,7 +360,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
 
-    tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap)
+    hidden = (settings.key,) if settings.key and not settings.show_key else ()
+    tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden)
     if await wait_for_table(tail, run, stop, settings.table_wait):
         sync = await start_sync(tail, perspective_server, settings, run)
         await sync_forever(sync, settings, run, stop)

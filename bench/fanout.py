@@ -1,7 +1,7 @@
 """Does every viewer get every row, at 10x the demo's insert rate?
 
 A benchmark, not a test. It starts the real server (`python
-perspective_server.py --port P`, default settings: --interval 0.25, --limit
+perspective_server.py --port P`, default settings: --interval 0.1, --limit
 10,000) in its own process against the chDB test harness (tests/chdb_http.py,
 chDB behind ClickHouse's HTTP interface), connects --viewers websocket
 viewers (perspective AsyncClients, as tests/servers.py open_viewer makes
@@ -190,8 +190,8 @@ def run(args) -> dict:
     return {"machine": info, "summary": summary(results, args), "settings": {
         "seconds": args.seconds, "batch_size": args.batch_size, "batch_interval_s": args.batch_interval,
         "jitter_s": args.jitter, "rows_per_s": args.batch_size / args.batch_interval,
-        "server": ("perspective_server.py defaults (--interval 0.25, --overlap 3, --limit 10,000)"
-                   if args.server_interval == 0.25 else
+        "server": ("perspective_server.py defaults (--interval 0.1, --overlap 3, --limit 10,000)"
+                   if args.server_interval == 0.1 else
                    f"perspective_server.py --interval {args.server_interval:g} (--overlap 3, --limit 10,000)")},
         "runs": results}
 
@@ -286,8 +286,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jitter", type=float, default=0.25, metavar="SECONDS",
                         help="send each batch up to this long after its tick, at random, so batches sample "
                              "every phase of the server's 250 ms poll (default 0.25; 0: a fixed schedule)")
-    parser.add_argument("--server-interval", type=float, default=0.25, metavar="SECONDS",
-                        help="diagnosis: perspective_server.py --interval (default 0.25, its default)")
+    parser.add_argument("--server-interval", type=float, default=0.1, metavar="SECONDS",
+                        help="diagnosis: perspective_server.py --interval (default 0.1, its default)")
     parser.add_argument("--drain", type=float, default=15,
                         help="seconds to wait for every viewer to see the last batch (default 15)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: --viewers 5 --seconds 5")

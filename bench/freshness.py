@@ -2,7 +2,7 @@
 
 A benchmark, not a test. It measures freshness, the time from a producer's
 insert to the row being visible, with the demo's default settings
-(perspective_server.py --interval 0.25; 100 rows every 500 ms), at two hops:
+(perspective_server.py at its default --interval; 100 rows every 500 ms), at two hops:
 
   1. insert -> Python client: a perspective AsyncClient over a real
      websocket (tests/servers.py open_viewer), with a view whose
@@ -226,10 +226,12 @@ class Program:
         return self.proc.returncode
 
 
-def start_project_server(port: int, harness, database: str, log_path: Path, interval: float = 0.25) -> Program:
+def start_project_server(port: int, harness, database: str, log_path: Path, interval: float = 0.1) -> Program:
     env = {**harness.env(), "CLICKHOUSE_DB": database}
     return Program("perspective_server.py",
-                   ["perspective_server.py", "--port", str(port), "--interval", str(interval)], env, log_path)
+                   # --show-key: the bench tells batches apart by their ids in the page.
+                   ["perspective_server.py", "--port", str(port), "--interval", str(interval), "--show-key"],
+                   env, log_path)
 
 
 def start_predecessor_server(port: int, harness, database: str, log_path: Path) -> Program:
@@ -867,8 +869,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--jitter", type=float, default=0.25, metavar="SECONDS",
                         help="send each batch up to this long after its tick, at random (default 0.25, the "
                              "server's poll interval; 0: producer.py's exact schedule)")
-    parser.add_argument("--server-interval", type=float, default=0.25, metavar="SECONDS",
-                        help="diagnosis: perspective_server.py --interval (default 0.25, its default); "
+    parser.add_argument("--server-interval", type=float, default=0.1, metavar="SECONDS",
+                        help="diagnosis: perspective_server.py --interval (default 0.1, its default); "
                              "the predecessor always polls every 0.25 s")
     parser.add_argument("--only", choices=sorted(SCHEMES), help="run one scheme alone (default: both at once)")
     parser.add_argument("--no-browser", action="store_true", help="hop 1 only")

@@ -177,7 +177,7 @@ def topology(tmp_path):
         env = {**harness.env(), "CLICKHOUSE_DB": database}
         port = free_port()
         producer = Program("producer.py", PRODUCER_ARGS, env, tmp_path / "producer.log")
-        server = Program("perspective_server.py", ["--port", str(port), "--limit", str(LIMIT)], env,
+        server = Program("perspective_server.py", ["--port", str(port), "--limit", str(LIMIT), "--show-key"], env,
                          tmp_path / "server.log")
         topology = Topology(harness, database, port, producer, server)
         try:

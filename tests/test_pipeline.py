@@ -259,3 +259,20 @@ def test_every_common_type_reaches_perspective(new_client, caplog):
     assert row["d32"] == -315_619_200_000
     assert row["dt"] == 1_709_208_000_000
     assert row["dt64"] == 1_709_208_000_250
+
+
+def test_a_poll_reads_the_new_rows_not_the_history(new_client):
+    """The cursor leads the sort key, so a poll is a range scan: with 200,000
+    rows of history and a 20,000-row read limit, only an index read passes."""
+    client = new_client()
+    producer.create_table(client)
+    history = producer.Market(seed=5).batch(200_000, 1_700_000_000_000)
+    insert_with_cursor(client, history, 1_700_000_000_000_000)  # long ago
+    client.command("OPTIMIZE TABLE stock_values FINAL")
+    sync = make_sync(client)
+    worker = make_producer(new_client())
+    worker.make_batch()
+    worker.flush()
+    sync.tail.cursor.watermark = int(time.time() * 1_000_000) - 10_000_000  # caught up 10 s ago
+    client.set_client_setting("max_rows_to_read", 20_000)
+    assert sync.poll() == ROWS_PER_BATCH
