@@ -148,7 +148,7 @@ class Tail:
         return {column.name: column.perspective_type for column in self.columns}
 
     def _select(self) -> str:
-        cursor = quote(self.cursor_column)
+        cursor = self._cursor_column
         # The key travels as a 64-bit hash: comparing integers is several
         # times cheaper than comparing strings. Two different rows inside one
         # overlap window sharing a hash is a ~1e-11 chance at 10,000 rows.
@@ -170,30 +170,31 @@ class Tail:
         rows = self.client.query_arrow(f"SELECT {self._select()} FROM {quote(self.table)} LIMIT 0")
         return rows.drop_columns([KEY, CURSOR])
 
-    # The SELECT list casts each column under its own name (`toDateTime64(
-    # inserted_at, 3, 'UTC') AS inserted_at`), and by default ClickHouse reads
-    # `inserted_at` in WHERE and ORDER BY as that alias: the primary key goes
-    # unused and every poll scans the whole table. This setting makes those
-    # names mean the table's column again (bench/poll_cost.py: 10M rows of
-    # history, 108 ms and 10M rows read per poll without it, 11 ms with).
-    _USE_COLUMNS = " SETTINGS prefer_column_name_to_alias = 1"
+    @property
+    def _cursor_column(self) -> str:
+        """The cursor, qualified with the table's name. The SELECT list casts
+        each column under its own name (`toDateTime64(inserted_at, 3, 'UTC')
+        AS inserted_at`), and ClickHouse reads a bare `inserted_at` in WHERE
+        and ORDER BY as that alias: the primary key goes unused and every poll
+        scans the whole table (bench/poll_cost.py: 10M rows of history, 108 ms
+        and 10M rows read per poll). The qualified name is the table's column.
+        """
+        return f"{quote(self.table)}.{quote(self.cursor_column)}"
 
     def backfill(self, limit: int) -> pa.Table:
         """The newest `limit` rows, oldest first; sets the watermark."""
         rows = self.client.query_arrow(
             f"SELECT * FROM (SELECT {self._select()} FROM {quote(self.table)} "
-            f"ORDER BY {quote(self.cursor_column)} DESC LIMIT {int(limit)}) ORDER BY {CURSOR}"
-            + self._USE_COLUMNS)
+            f"ORDER BY {self._cursor_column} DESC LIMIT {int(limit)}) ORDER BY {CURSOR}")
         return self._strip(self.cursor.accept(rows))
 
     def poll(self) -> pa.Table:
         """Rows that arrived since the last call (or all rows, the first time)."""
         lower = self.cursor.lower_bound
         where = "" if lower is None else (
-            f"WHERE {quote(self.cursor_column)} >= fromUnixTimestamp64Micro({{lower:Int64}}, 'UTC')")
+            f"WHERE {self._cursor_column} >= fromUnixTimestamp64Micro({{lower:Int64}}, 'UTC')")
         rows = self.client.query_arrow(
-            f"SELECT {self._select()} FROM {quote(self.table)} {where} ORDER BY {quote(self.cursor_column)}"
-            + self._USE_COLUMNS,
+            f"SELECT {self._select()} FROM {quote(self.table)} {where} ORDER BY {self._cursor_column}",
             parameters={"lower": lower} if lower is not None else None,
         )
         return self._strip(self.cursor.accept(rows))

@@ -39,3 +39,18 @@ def test_freshness_benchmark_measures_both_hops_for_both_schemes():
 def test_fanout_benchmark_reports_every_viewer_complete():
     output = run_bench("fanout.py", "--smoke")
     assert "0/5" in output  # no viewer missed a row
+
+
+def test_poll_cost_benchmark_runs():
+    output = run_bench("poll_cost.py", "--smoke")
+    assert "Tail.poll" in output
+
+
+def test_producer_capacity_benchmark_runs():
+    output = run_bench("producer_capacity.py", "--smoke")
+    assert "rows/s" in output
+
+
+def test_memory_benchmark_runs():
+    output = run_bench("memory.py", "--smoke")
+    assert "server RSS" in output
