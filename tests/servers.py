@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -126,3 +127,34 @@ async def open_viewer(port: int, origin: str | None = None):
             await client.handle_response(message)
 
     return client, socket, asyncio.ensure_future(pump())
+
+
+class Program:
+    """`python <script> <args>` from the repository root, logging to a file."""
+
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path):
+        self.script, self.log_path = script, log_path
+        # The user's CLICKHOUSE_URL and friends would override the test's own.
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "CHDB_"))}
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env={**base, **env},
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log(self) -> str:
+        return f"--- {self.script} (exit {self.proc.poll()}):\n{self.text()}"
+
+    def interrupt(self, timeout: float = 5) -> int | None:
+        """Ctrl-C; the exit code, or None if it is still running after `timeout`."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

@@ -21,23 +21,19 @@ a browser would. Run with `pytest -s` to see the counts.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 import chdb_http
 import producer
-from servers import REPO, STARTUP_TIMEOUT_S, free_port, open_viewer
+from servers import STARTUP_TIMEOUT_S, Program, free_port, open_viewer
 
 BATCH_SIZE = 20
 PRODUCER_ARGS = ["--interval", "0.1", "--batch-size", str(BATCH_SIZE)]
@@ -45,37 +41,6 @@ LIMIT = 1_000_000  # every row fits in the Perspective table
 RESTARTS = 5
 CATCH_UP_S = 20  # generous: the server polls every 0.25 s
 EXIT_TIMEOUT_S = 15  # SIGINT to exit; the producer may still be flushing
-
-
-class Program:
-    """`python <script> <args>` from the repository root, logging to a file."""
-
-    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path):
-        self.script, self.log_path = script, log_path
-        # The user's CLICKHOUSE_URL and friends would override the harness.
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "CHDB_"))}
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env={**base, **env},
-                                         stdout=log, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log(self) -> str:
-        return f"--- {self.script} (exit {self.proc.poll()}):\n{self.text()}"
-
-    def interrupt(self, timeout: float = EXIT_TIMEOUT_S) -> int | None:
-        """Ctrl-C; the exit code, or None if it is still running after `timeout`."""
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @dataclass
@@ -221,7 +186,7 @@ def test_clickhouse_restarts_lose_and_duplicate_nothing(topology):
     topology.wait_for_rows(before + 5 * BATCH_SIZE)
     topology.assert_running()
 
-    assert topology.producer.interrupt() == 0, topology.logs()
+    assert topology.producer.interrupt(EXIT_TIMEOUT_S) == 0, topology.logs()
     clickhouse_ids, count, unique = topology.clickhouse()
     perspective_ids, took = topology.caught_up(count)
     faults_s = time.monotonic() - started
@@ -262,7 +227,7 @@ def test_clickhouse_restarts_lose_and_duplicate_nothing(topology):
         f"got {outages}:\n{topology.logs()}")
     assert_clean_log(topology.producer)
     assert_clean_log(topology.server)
-    assert topology.server.interrupt() == 0, topology.logs()
+    assert topology.server.interrupt(EXIT_TIMEOUT_S) == 0, topology.logs()
 
 
 def test_a_killed_producer_leaves_downstream_equal_to_clickhouse(topology):
@@ -283,7 +248,7 @@ def test_a_killed_producer_leaves_downstream_equal_to_clickhouse(topology):
     assert count % BATCH_SIZE == 0, f"{count} rows is not whole batches of {BATCH_SIZE}:\n{topology.logs()}"
     assert_equal_key_sets(clickhouse_ids, perspective_ids, topology.logs())
     assert_clean_log(topology.server)
-    assert topology.server.interrupt() == 0, topology.logs()
+    assert topology.server.interrupt(EXIT_TIMEOUT_S) == 0, topology.logs()
 
 
 def test_a_batch_stored_just_before_a_crash_is_stored_once_when_retried(tmp_path):

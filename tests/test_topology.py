@@ -15,13 +15,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
@@ -29,7 +26,7 @@ import pytest
 
 import browser
 import chdb_http
-from servers import REPO, STARTUP_TIMEOUT_S, free_port
+from servers import STARTUP_TIMEOUT_S, Program, free_port
 
 EXIT_TIMEOUT_S = 5  # Ctrl-C to exit, for every program
 
@@ -72,34 +69,6 @@ def clickhouse(tmp_path):
     client.close()
 
 
-class Program:
-    """`python <script> <args>` from the repository root, logging to a file."""
-
-    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path):
-        self.script, self.log_path = script, log_path
-        # The user's CLICKHOUSE_URL and friends would override ours.
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "CHDB_"))}
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env={**base, **env},
-                                         stdout=log, stderr=subprocess.STDOUT)
-
-    def log(self) -> str:
-        return f"--- {self.script} (exit {self.proc.poll()}):\n" + self.log_path.read_text(errors="replace")
-
-    def interrupt(self) -> int | None:
-        """Ctrl-C; the exit code, or None if it is still running after EXIT_TIMEOUT_S."""
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(timeout=EXIT_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def wait_for_page(url: str, server: Program, others: list[Program]):
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -140,8 +109,8 @@ def test_three_programs_fill_the_page_and_stop_cleanly(clickhouse, tmp_path):
             assert grown > first, f"row count stayed at {first}:\n" + "\n".join(p.log() for p in programs)
             shown = browser.row_count(page)
 
-            assert server.interrupt() == 0, server.log()
-        assert producer.interrupt() == 0, producer.log()
+            assert server.interrupt(EXIT_TIMEOUT_S) == 0, server.log()
+        assert producer.interrupt(EXIT_TIMEOUT_S) == 0, producer.log()
 
         # Every row the page showed is a row ClickHouse stored, once.
         stored = clickhouse.count()
