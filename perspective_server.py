@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import perspective
 import pyarrow as pa
+import tornado.ioloop
 import tornado.web
 import tornado.websocket
-from perspective.handlers.tornado import PerspectiveTornadoHandler
 
 import connection
 import producer
@@ -137,28 +137,30 @@ class Viewers:
             handler.end_session()
 
 
-class ViewerHandler(PerspectiveTornadoHandler):
-    """Perspective's handler, made read-only and same-origin.
+class ViewerHandler(tornado.websocket.WebSocketHandler):
+    """A websocket to the Perspective server, read-only and same-origin.
 
-    The stock handler accepts any Origin and any request, so any page on the
-    web could ask a visitor's browser to clear this table. Here a handshake
-    from another origin gets 403, and requests that would change data are
-    answered with an error instead of reaching the Perspective server.
+    perspective-python's own PerspectiveTornadoHandler accepts any Origin and
+    any request, so any page on the web could ask a visitor's browser to
+    clear this table. Here a handshake from another origin gets 403, and
+    requests that would change data are answered with an error instead of
+    reaching the Perspective server.
     """
 
-    def initialize(self, allowed_origins=frozenset(), tables=(), **kwargs):
-        super().initialize(**kwargs)
-        self.allowed_origins = allowed_origins
+    def initialize(self, perspective_server: perspective.Server, tables=(), allowed_origins=frozenset()):
+        self.server = perspective_server
+        self.loop = tornado.ioloop.IOLoop.current()
         self.tables = tables
+        self.allowed_origins = allowed_origins
 
     def check_origin(self, origin):
         # Tornado's own check: the Origin's host must equal the Host header.
-        return origin in self.allowed_origins or tornado.websocket.WebSocketHandler.check_origin(self, origin)
+        return origin in self.allowed_origins or super().check_origin(origin)
 
     def open(self):
         self.gate = read_only.ViewerGate(self.tables)
         self.refused = 0
-
+        # Perspective may answer from another thread; writes happen on the IOLoop.
         self.session = self.server.new_session(lambda response: self.loop.add_callback(self._send, response))
         Viewers.open.add(self)
 
@@ -190,6 +192,8 @@ class ViewerHandler(PerspectiveTornadoHandler):
 
     def on_close(self):
         self.end_session()
+
+
 class IndexHandler(tornado.web.RequestHandler):
     def get(self):
         self.set_header("Content-Type", "text/html; charset=utf-8")

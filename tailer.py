@@ -61,10 +61,8 @@ class Cursor:
         """
         if rows.num_rows == 0:
             return rows
-        if self.delivered.schema.field(KEY).type != rows.schema.field(KEY).type:
-            if self.delivered.num_rows:
-                raise TypeError("the key column changed type between reads")
-            self.delivered = rows.select([KEY, CURSOR]).slice(0, 0)
+        if self.delivered.num_rows and self.delivered.schema.field(KEY).type != rows.schema.field(KEY).type:
+            raise TypeError("the key column changed type between reads")
         fresh = rows
         if self.delivered.num_rows:
             known = self.delivered.column(KEY).combine_chunks()
