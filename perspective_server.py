@@ -44,14 +44,12 @@ from pathlib import Path
 import numpy as np
 import perspective
 import pyarrow as pa
-import tornado.ioloop
 import tornado.web
-import tornado.websocket
 
 import connection
 import producer
-import read_only
 from tailer import CURSOR, SchemaError, TableNotFound, Tail
+from viewers import ViewerHandler, Viewers
 
 log = logging.getLogger("server")
 
@@ -118,80 +116,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
                               args.table_wait, args.show_key)
     return settings, ch
-
-
-class Viewers:
-    """Open websockets and refused writes, for the log and for shutdown."""
-    open: set["ViewerHandler"] = set()
-    refused = 0
-
-    @classmethod
-    def close_all(cls) -> None:
-        """Ends every viewer's Perspective session while the server still exists.
-
-        A session left for garbage collection at exit can outlive the
-        Perspective server it belongs to, and deleting its views then aborts
-        the process ("View not found").
-        """
-        for handler in list(cls.open):
-            handler.end_session()
-
-
-class ViewerHandler(tornado.websocket.WebSocketHandler):
-    """A websocket to the Perspective server, read-only and same-origin.
-
-    perspective-python's own PerspectiveTornadoHandler accepts any Origin and
-    any request, so any page on the web could ask a visitor's browser to
-    clear this table. Here a handshake from another origin gets 403, and
-    requests that would change data are answered with an error instead of
-    reaching the Perspective server.
-    """
-
-    def initialize(self, perspective_server: perspective.Server, tables=(), allowed_origins=frozenset()):
-        self.server = perspective_server
-        self.loop = tornado.ioloop.IOLoop.current()
-        self.tables = tables
-        self.allowed_origins = allowed_origins
-
-    def check_origin(self, origin):
-        # Tornado's own check: the Origin's host must equal the Host header.
-        return origin in self.allowed_origins or super().check_origin(origin)
-
-    def open(self):
-        self.gate = read_only.ViewerGate(self.tables)
-        self.refused = 0
-        # Perspective may answer from another thread; writes happen on the IOLoop.
-        self.session = self.server.new_session(lambda response: self.loop.add_callback(self._send, response))
-        Viewers.open.add(self)
-
-    def _send(self, response: bytes):
-        try:
-            self.write_message(response, binary=True)
-        except tornado.websocket.WebSocketClosedError:
-            self.end_session()
-
-    def on_message(self, message):
-        if not isinstance(message, bytes) or not hasattr(self, "session"):
-            return  # text frames mean nothing to Perspective; no session: shutting down
-        if not self.gate.allows(message):
-            if not self.refused:  # once per connection: enough to see who and why
-                log.info("refused a request from %s: %s", self.request.remote_ip, self.gate.reason)
-            self.refused += 1
-            Viewers.refused += 1
-            reply = read_only.refusal(message)
-            if reply is not None:
-                self.write_message(reply, binary=True)
-            return
-        self.session.handle_request(message)
-
-    def end_session(self):
-        if hasattr(self, "session"):
-            self.session.close()
-            del self.session
-        Viewers.open.discard(self)
-
-    def on_close(self):
-        self.end_session()
 
 
 class IndexHandler(tornado.web.RequestHandler):

@@ -18,7 +18,8 @@ import tornado.httpserver
 import tornado.testing
 
 import read_only
-from perspective_server import Viewers, make_app
+from perspective_server import make_app
+from viewers import Viewers
 from servers import open_viewer
 
 ROWS = [{"ticker": "AAPL", "close": 1.0}, {"ticker": "MSFT", "close": 2.0}]
