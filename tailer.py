@@ -27,7 +27,10 @@ SQL around it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,7 +44,7 @@ CURSOR = "__cursor"  # the cursor column as microseconds since the epoch
 
 @dataclass
 class Cursor:
-    """Watermark plus the keys already delivered inside the overlap window."""
+    """Watermark plus the keys already read inside the overlap window."""
 
     overlap_us: int
     watermark: int | None = None
@@ -71,19 +74,42 @@ class Cursor:
         # still one row for the viewer.
         if fresh.num_rows:
             fresh = _first_of_each_key(fresh)
-        if fresh.num_rows:
-            newest = pc.max(fresh.column(CURSOR)).as_py()
-            self.watermark = newest if self.watermark is None else max(self.watermark, newest)
-        # Remember every key read, with the newest cursor it was read at: a
-        # second copy of a delivered row, stored later, must stay suppressed
-        # for as long as a poll can read it, not only as long as the first.
+            self.advance(pc.max(fresh.column(CURSOR)).as_py())
+        self.remember(rows)
+        return fresh
+
+    def advance(self, cursor_us: int) -> None:
+        """Moves the watermark forward to `cursor_us` (never back)."""
+        self.watermark = cursor_us if self.watermark is None else max(self.watermark, cursor_us)
+
+    def remember(self, rows: pa.Table) -> None:
+        """Records the keys of `rows` as read, whether they were delivered or
+        deliberately left out (rows older than the backfill), and forgets keys
+        that have fallen out of the overlap window.
+
+        Each key is kept with the newest cursor it was read at: a second copy
+        of a delivered row, stored later, must stay suppressed for as long as
+        a poll can read it, not only as long as the first.
+        """
+        lower = self.lower_bound
+        if lower is not None:
+            rows = rows.filter(pc.greater_equal(rows.column(CURSOR), lower))
         plain = pa.schema([(KEY, rows.schema.field(KEY).type), (CURSOR, pa.int64())])
         remembered = pa.concat_tables([self.delivered.cast(plain), rows.select([KEY, CURSOR]).cast(plain)])
-        lower = self.lower_bound
-        remembered = remembered.filter(pc.greater_equal(remembered.column(CURSOR), lower))
+        if lower is not None:
+            remembered = remembered.filter(pc.greater_equal(remembered.column(CURSOR), lower))
         newest_per_key = remembered.group_by(KEY, use_threads=False).aggregate([(CURSOR, "max")])
         self.delivered = pa.table({KEY: newest_per_key.column(KEY), CURSOR: newest_per_key.column(f"{CURSOR}_max")})
-        return fresh
+
+    def fingerprint(self) -> tuple[int, int]:
+        """(how many, XOR of) the integer keys read inside the window.
+
+        If ClickHouse gives the same two figures for the distinct keys whose
+        cursor lies in [lower_bound, watermark], nothing committed late into
+        the window, and a poll only needs the rows after the watermark.
+        """
+        keys = self.delivered.column(KEY).to_numpy().astype(np.uint64, copy=False)
+        return len(keys), int(np.bitwise_xor.reduce(keys)) if len(keys) else 0
 
 
 def _first_of_each_key(rows: pa.Table) -> pa.Table:
@@ -117,6 +143,8 @@ class Tail:
 
     def __post_init__(self) -> None:
         self.cursor = Cursor(overlap_us=int(self.overlap_seconds * 1_000_000))
+        # Figures for the log and the benchmarks.
+        self.polls = self.window_rereads = self.rows_returned = 0
 
     def describe(self) -> None:
         """Loads the table's columns; raises TableNotFound or SchemaError."""
@@ -141,23 +169,55 @@ class Tail:
                                                   if name not in self.hidden])
         self._all_columns = [name for name, _ in described]
 
+    def layout_warnings(self) -> list[str]:
+        """What makes polling this table wrong or slow, as actionable lines.
+
+        Both checks are about a cursor column added to a table that already
+        had rows (README, "Use it with your own table"):
+
+        * A part written before `ADD COLUMN` does not store the column, so
+          ClickHouse computes its DEFAULT, now64(), at every read: those rows
+          look brand new at every poll.
+        * A cursor that neither leads ORDER BY nor has a skip index cannot
+          narrow a poll: every poll reads the whole table.
+        """
+        table = {"table": self.table}
+        engine, sorting_key = self.client.query(
+            "SELECT engine, sorting_key FROM system.tables WHERE database = currentDatabase() "
+            "AND name = {table:String}", parameters=table).result_rows[0]
+        if "MergeTree" not in engine:
+            return []
+        warnings = []
+        parts, storing = self.client.query(
+            "SELECT count(), countIf(has(columns, {cursor:String})) FROM (SELECT groupArray(column) AS columns "
+            "FROM system.parts_columns WHERE database = currentDatabase() AND table = {table:String} "
+            "AND active GROUP BY name)", parameters={**table, "cursor": self.cursor_column}).result_rows[0]
+        if storing < parts:
+            warnings.append(
+                f"{parts - storing} of {parts} parts of {self.table} do not store {self.cursor_column}, so "
+                "ClickHouse computes its DEFAULT at every read and old rows look new at every poll: run "
+                f"ALTER TABLE {self.table} MATERIALIZE COLUMN {self.cursor_column} SETTINGS mutations_sync = 2")
+        leads = sorting_key.split(",")[0].strip() in (self.cursor_column, quote(self.cursor_column))
+        indexed = self.client.query(
+            "SELECT count() FROM system.data_skipping_indices WHERE database = currentDatabase() "
+            "AND table = {table:String} AND type = 'minmax' AND expr IN ({cursor:String}, {quoted:String})",
+            parameters={**table, "cursor": self.cursor_column, "quoted": quote(self.cursor_column)},
+        ).result_rows[0][0]
+        if not leads and not indexed:
+            warnings.append(
+                f"{self.cursor_column} neither leads the ORDER BY of {self.table} nor has a minmax index, so "
+                f"every poll reads the whole table: run ALTER TABLE {self.table} ADD INDEX "
+                f"{self.cursor_column}_minmax {self.cursor_column} TYPE minmax GRANULARITY 1, then "
+                f"ALTER TABLE {self.table} MATERIALIZE INDEX {self.cursor_column}_minmax SETTINGS mutations_sync = 2")
+        return warnings
+
     @property
     def perspective_schema(self) -> dict[str, str]:
         return {column.name: column.perspective_type for column in self.columns}
 
     def _select(self) -> str:
-        cursor = self._cursor_column
-        # The key travels as a 64-bit hash: comparing integers is several
-        # times cheaper than comparing strings. Two different rows inside one
-        # overlap window sharing a hash is a ~1e-11 chance at 10,000 rows.
-        if self.key_column:
-            key = f"cityHash64({quote(self.key_column)})"
-        else:
-            # No key: two rows are the same row when every column is equal.
-            key = "cityHash64(" + ", ".join(quote(c) for c in self._all_columns) + ")"
         return ", ".join([column.select for column in self.columns]
-                         + [f"{key} AS {KEY}",
-                            f"toUnixTimestamp64Micro(toDateTime64({cursor}, 6, 'UTC')) AS {CURSOR}"])
+                         + [f"{self._key()} AS {KEY}", f"{self._cursor_micros()} AS {CURSOR}"])
 
     def empty(self) -> pa.Table:
         """No rows, but the exact Arrow schema every later batch will have.
@@ -179,23 +239,98 @@ class Tail:
         """
         return f"{quote(self.table)}.{quote(self.cursor_column)}"
 
-    def backfill(self, limit: int) -> pa.Table:
-        """The newest `limit` rows, oldest first; sets the watermark."""
-        rows = self.client.query_arrow(
+    def _key(self) -> str:
+        # The key travels as a 64-bit hash: comparing integers is several
+        # times cheaper than comparing strings. Two different rows inside one
+        # overlap window sharing a hash is a ~1e-11 chance at 10,000 rows.
+        if self.key_column:
+            return f"cityHash64({quote(self.key_column)})"
+        # No key: two rows are the same row when every column is equal.
+        return "cityHash64(" + ", ".join(quote(c) for c in self._all_columns) + ")"
+
+    def _micros(self, sql: str, parameters: dict | None = None) -> int | None:
+        value = self.client.query(sql, parameters=parameters).result_rows[0][0]
+        return None if value is None else int(value)
+
+    def backfill(self, limit: int, chunk_rows: int = 100_000) -> Iterator[pa.Table]:
+        """The newest `limit` rows, oldest first, in chunks; sets the watermark.
+
+        Three reads, in this order, make the hand-over to the first poll exact:
+
+        1. The newest cursor value becomes the watermark.
+        2. The keys of *every* row inside the overlap window below it are
+           remembered, including rows older than the newest `limit`. The first
+           poll re-reads that window, and without this it would deliver the
+           rows the backfill left out: all of them, when a burst or an
+           `ALTER ... MATERIALIZE` gave more than `limit` rows one cursor value.
+        3. The newest `limit` rows up to the watermark are streamed, so the
+           caller can load one chunk while ClickHouse sends the next.
+        """
+        newest = self._micros(f"SELECT toUnixTimestamp64Micro(toDateTime64(maxOrNull({self._cursor_column}), 6, 'UTC')) "
+                              f"FROM {quote(self.table)}")
+        if newest is None:
+            return  # an empty table: the first poll reads everything
+        self.cursor.advance(newest)
+        window = self.client.query_arrow(
+            f"SELECT {self._key()} AS {KEY}, {self._cursor_micros()} AS {CURSOR} FROM {quote(self.table)} "
+            f"WHERE {self._between('lower', 'upper')}",
+            parameters={"lower": self.cursor.lower_bound, "upper": newest})
+        self.cursor.remember(window)
+        # LIMIT 1 BY: a key stored twice is still one row for the viewer.
+        stream = self.client.query_arrow_stream(
             f"SELECT * FROM (SELECT {self._select()} FROM {quote(self.table)} "
-            f"ORDER BY {self._cursor_column} DESC LIMIT {int(limit)}) ORDER BY {CURSOR}")
-        return self._strip(self.cursor.accept(rows))
+            f"WHERE {self._cursor_column} <= fromUnixTimestamp64Micro({{upper:Int64}}, 'UTC') "
+            f"ORDER BY {self._cursor_column} DESC LIMIT 1 BY {KEY} LIMIT {int(limit)}) ORDER BY {CURSOR}",
+            parameters={"upper": newest}, settings={"max_block_size": chunk_rows})
+        with stream:
+            for chunk in stream:
+                chunk = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
+                # A row that committed between read 2 and this one is on
+                # screen now, so it must not come back as a late commit.
+                self.cursor.remember(chunk.select([KEY, CURSOR]))
+                yield self._strip(chunk)
 
     def poll(self) -> pa.Table:
-        """Rows that arrived since the last call (or all rows, the first time)."""
+        """Rows that arrived since the last call (or all rows, the first time).
+
+        Re-reading the whole overlap window on every poll would return each
+        row about overlap / interval times (30 at the defaults). Instead, one
+        cheap aggregate asks whether the window still holds exactly the keys
+        already read; only when it does not (a late commit) is the window
+        read again. Otherwise the poll asks for rows past the watermark alone.
+        """
+        self.polls += 1
         lower = self.cursor.lower_bound
-        where = "" if lower is None else (
-            f"WHERE {self._cursor_column} >= fromUnixTimestamp64Micro({{lower:Int64}}, 'UTC')")
-        rows = self.client.query_arrow(
-            f"SELECT {self._select()} FROM {quote(self.table)} {where} ORDER BY {self._cursor_column}",
-            parameters={"lower": lower} if lower is not None else None,
-        )
+        if lower is None:
+            rows = self._read("", {})
+        elif self._window_unchanged():
+            rows = self._read(f"WHERE {self._cursor_column} > fromUnixTimestamp64Micro({{upper:Int64}}, 'UTC')",
+                              {"upper": self.cursor.watermark})
+        else:
+            self.window_rereads += 1
+            rows = self._read(f"WHERE {self._cursor_column} >= fromUnixTimestamp64Micro({{lower:Int64}}, 'UTC')",
+                              {"lower": lower})
+        self.rows_returned += rows.num_rows
         return self._strip(self.cursor.accept(rows))
+
+    def _window_unchanged(self) -> bool:
+        count, xor = self.client.query(
+            f"SELECT uniqExact({self._key()}), groupBitXorDistinct({self._key()}) FROM {quote(self.table)} "
+            f"WHERE {self._between('lower', 'upper')}",
+            parameters={"lower": self.cursor.lower_bound, "upper": self.cursor.watermark}).result_rows[0]
+        return (int(count), int(xor)) == self.cursor.fingerprint()
+
+    def _read(self, where: str, parameters: dict) -> pa.Table:
+        return self.client.query_arrow(
+            f"SELECT {self._select()} FROM {quote(self.table)} {where} ORDER BY {self._cursor_column}",
+            parameters=parameters or None)
+
+    def _between(self, lower: str, upper: str) -> str:
+        return (f"{self._cursor_column} >= fromUnixTimestamp64Micro({{{lower}:Int64}}, 'UTC') "
+                f"AND {self._cursor_column} <= fromUnixTimestamp64Micro({{{upper}:Int64}}, 'UTC')")
+
+    def _cursor_micros(self) -> str:
+        return f"toUnixTimestamp64Micro(toDateTime64({self._cursor_column}, 6, 'UTC'))"
 
     @staticmethod
     def _strip(rows: pa.Table) -> pa.Table:
