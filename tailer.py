@@ -237,16 +237,22 @@ class Tail:
         scans the whole table (bench/poll_cost.py: 10M rows of history, 108 ms
         and 10M rows read per poll). The qualified name is the table's column.
         """
-        return f"{quote(self.table)}.{quote(self.cursor_column)}"
+        return self._qualified(self.cursor_column)
 
     def _key(self) -> str:
         # The key travels as a 64-bit hash: comparing integers is several
         # times cheaper than comparing strings. Two different rows inside one
         # overlap window sharing a hash is a ~1e-11 chance at 10,000 rows.
+        # Columns are qualified for the reason _cursor_column gives: a bare
+        # `id` would be the SELECT list's `toString(id) AS id`, and the hash
+        # would differ between a poll and the window check.
         if self.key_column:
-            return f"cityHash64({quote(self.key_column)})"
+            return f"cityHash64({self._qualified(self.key_column)})"
         # No key: two rows are the same row when every column is equal.
-        return "cityHash64(" + ", ".join(quote(c) for c in self._all_columns) + ")"
+        return "cityHash64(" + ", ".join(self._qualified(c) for c in self._all_columns) + ")"
+
+    def _qualified(self, column: str) -> str:
+        return f"{quote(self.table)}.{quote(column)}"
 
     def _micros(self, sql: str, parameters: dict | None = None) -> int | None:
         value = self.client.query(sql, parameters=parameters).result_rows[0][0]

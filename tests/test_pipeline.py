@@ -276,3 +276,112 @@ def test_a_poll_reads_the_new_rows_not_the_history(new_client):
     sync.tail.cursor.watermark = int(time.time() * 1_000_000) - 10_000_000  # caught up 10 s ago
     client.set_client_setting("max_rows_to_read", 20_000)
     assert sync.poll() == ROWS_PER_BATCH
+
+
+def test_a_burst_larger_than_the_limit_is_handed_over_exactly_once(new_client):
+    """More rows share one cursor value (a burst) than --limit: the backfill
+    takes --limit of them and the first polls deliver none of the rest."""
+    client = new_client()
+    producer.create_table(client)
+    burst = producer.Market(seed=6).batch(5_000, time.time_ns() // 1_000_000)
+    insert_with_cursor(client, burst, time.time_ns() // 1000)
+    sync = make_sync(new_client(), limit=1_000)
+    assert sync.backfill(limit=1_000) == 1_000
+    assert [sync.poll() for _ in range(3)] == [0, 0, 0]
+    assert sync.tail.rows_returned == 0, "a poll fetched the burst again"
+
+    worker = make_producer(new_client())
+    worker.make_batch()
+    worker.flush()
+    assert sync.poll() == ROWS_PER_BATCH
+    shown = ids_in_perspective(sync.table)
+    assert len(shown) == len(set(shown)) == 1_000  # the rolling limit kept the newest
+
+
+def test_a_poll_fetches_only_new_rows_when_nothing_committed_late(new_client):
+    """The overlap is checked with one aggregate row; its rows are fetched
+    again only when that check finds a late commit."""
+    worker = make_producer(new_client())
+    sync = make_sync(new_client())
+    worker.make_batch()
+    worker.flush()
+    sync.backfill(limit=10_000)
+    for _ in range(5):
+        worker.make_batch()
+        worker.flush()
+        assert sync.poll() == ROWS_PER_BATCH
+    assert sync.tail.rows_returned == 5 * ROWS_PER_BATCH
+    assert sync.tail.window_rereads == 0
+
+    late = producer.Market(seed=7).batch(10, time.time_ns() // 1_000_000)
+    insert_with_cursor(new_client(), late, sync.tail.cursor.watermark - 1_000_000)
+    assert sync.poll() == 10
+    assert sync.tail.window_rereads == 1
+
+
+def test_the_server_table_keeps_only_the_newest_limit_rows(new_client):
+    """--limit reaches both the backfill and the Perspective table the
+    server creates (start_sync), so the browser never holds more."""
+    import asyncio
+
+    import perspective
+
+    from perspective_server import ServerSettings, start_sync
+
+    worker = make_producer(new_client())
+    for _ in range(4):
+        worker.make_batch()
+    worker.flush()
+    tail = Tail(new_client(), "stock_values", "inserted_at", "id", 3.0)
+    tail.describe()
+
+    async def start():
+        loop = asyncio.get_running_loop()
+        return await start_sync(tail, perspective.Server(), ServerSettings(limit=120, show_key=True),
+                                lambda function, *args: loop.run_in_executor(None, function, *args))
+
+    sync = asyncio.run(start())
+    assert sync.table.size() == 120
+    worker.make_batch()
+    newest = set(worker.pending[0].rows.column("id").to_pylist())
+    worker.flush()
+    assert sync.poll() == ROWS_PER_BATCH
+    assert sync.table.size() == 120
+    assert newest <= set(ids_in_perspective(sync.table)), "the newest rows must replace the oldest"
+
+
+def test_polls_run_off_the_event_loop(new_client):
+    """sync_forever hands every poll to the executor it is given, so a slow
+    ClickHouse never freezes the websocket."""
+    import asyncio
+    import threading as threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    from perspective_server import ServerSettings, sync_forever
+
+    worker = make_producer(new_client())
+    worker.make_batch()
+    worker.flush()
+    sync = make_sync(new_client())
+    polled_on = []
+    real_poll = sync.tail.poll
+
+    def watched_poll():
+        polled_on.append(threads.current_thread())
+        return real_poll()
+
+    sync.tail.poll = watched_poll
+
+    async def run_briefly():
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        executor = ThreadPoolExecutor(max_workers=1)
+        loop.call_later(0.5, stop.set)
+        await sync_forever(sync, ServerSettings(interval=0.05), lambda f, *a: loop.run_in_executor(executor, f, *a),
+                           stop)
+        executor.shutdown()
+        return threads.current_thread()
+
+    loop_thread = asyncio.run(run_briefly())
+    assert polled_on, "sync_forever never polled"
+    assert loop_thread not in polled_on
