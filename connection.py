@@ -17,6 +17,7 @@ Two ways to reach ClickHouse:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import logging
 import os
 import time
@@ -80,12 +81,30 @@ def _env_bool(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+ENVIRONMENT_HELP = """\
+environment variables (each flag's default comes from one):
+  CLICKHOUSE_URL       http://user:password@host:port/database, sets all of the below at once
+  CLICKHOUSE_HOST      --ch-host (default localhost)
+  CLICKHOUSE_PORT      --ch-port (default 8123)
+  CLICKHOUSE_USER      --ch-user (default demo)
+  CLICKHOUSE_PASSWORD  the password; there is no flag, so it never shows in ps or logs (default demo)
+  CLICKHOUSE_DB        --ch-database (default demo)
+  CLICKHOUSE_SECURE    --ch-secure when 1/true/yes
+  CLICKHOUSE_WAIT      --wait (default 15)
+"""
+EMBEDDED_HELP = """\
+  CHDB_PATH            --chdb-path (default chdb-data)
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser, embedded: bool = False) -> None:
     """Adds the connection flags; defaults come from CLICKHOUSE_* variables.
 
     `embedded` adds --embedded and --chdb-path, for the script that can host
     the whole demo in one process.
     """
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ENVIRONMENT_HELP + (EMBEDDED_HELP if embedded else "")
     group = parser.add_argument_group(
         "ClickHouse connection",
         "CLICKHOUSE_URL (e.g. http://user:pass@host:8123/db) sets all of these at once.",
@@ -170,7 +189,8 @@ def connect(settings: ClickHouseSettings) -> Client:
             raise
         except Exception as error:  # clickhouse-connect wraps transport errors several ways
             problem = explain(error, settings)
-            if not is_transient(error) or time.monotonic() >= deadline:
+            # chDB runs in this process: there is no server to wait for.
+            if settings.embedded or not is_transient(error) or time.monotonic() >= deadline:
                 raise SetupError(problem) from None
             if not announced:
                 log.info("waiting for ClickHouse at %s ...", settings.address)
@@ -243,6 +263,9 @@ def explain(error: Exception, settings: ClickHouseSettings) -> str:
     if code == 81:
         return f"database '{settings.database}' does not exist on {settings.address}: check --ch-database"
     if settings.embedded:
+        if settings.chdb_path != MEMORY and _held_by_another_process(settings.chdb_path):
+            return (f"{settings.chdb_path}/ is in use by another process (chDB lets one process open a data "
+                    "folder): stop the other --embedded server, or choose another folder with --chdb-path")
         first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         return f"embedded chDB failed to open {settings.chdb_path}: {first_line}"
     if is_transient(error):
@@ -252,3 +275,24 @@ def explain(error: Exception, settings: ClickHouseSettings) -> str:
         first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         return f"ClickHouse at {settings.address} said: {first_line}"
     return f"cannot use ClickHouse at {settings.address}: {type(error).__name__}: {text}"
+
+
+def _held_by_another_process(folder: str) -> bool:
+    """True when another process holds chDB's lock on `folder`.
+
+    chDB (like clickhouse-server) keeps an exclusive flock on the folder's
+    `status` file while it runs, and its own error for a second opener is only
+    "Error initializing EmbeddedServer". Called after opening failed, so this
+    process holds no lock of its own there.
+    """
+    status = os.path.join(folder, "status")
+    try:
+        with open(status, "rb") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(file, fcntl.LOCK_UN)
+    except OSError:
+        return False
+    return False

@@ -325,8 +325,13 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
 
     client = await run(connection.connect, ch)
     producer_stop = producer_thread = None
-    if ch.embedded:
+    if ch.embedded and settings.table == connection.TABLE:
         producer_stop, producer_thread = await run(start_embedded_producer, ch, settings.table)
+    elif ch.embedded:
+        # The fake market has its own layout; it must never write into, or
+        # create, a table of the user's.
+        log.info("embedded: serving your table %s; the demo producer writes only %s, so it is not started",
+                 settings.table, connection.TABLE)
 
     perspective_server = perspective.Server()
     app = make_app(perspective_server, [settings.table], settings.allowed_origins)

@@ -195,3 +195,70 @@ def test_the_server_listens_on_loopback_only_and_keeps_the_password_to_itself(tm
                 assert server.wait(timeout=10) == 0
     assert secret.encode() not in page
     assert secret not in log_path.read_text()
+
+
+def _chdb(folder, sql: str) -> str:
+    """Runs statements on an embedded chDB folder in a process of its own
+    (chDB opens one folder per process, and this one already has an engine)."""
+    script = ("import sys, clickhouse_connect\n"
+              "client = clickhouse_connect.get_client(dsn='chdb:///' + sys.argv[1])\n"
+              "client.command('CREATE DATABASE IF NOT EXISTS demo')\n"
+              "client.database = 'demo'\n"
+              "out = [client.command(s) for s in sys.argv[2].split(';') if s.strip()]\n"
+              "print(out[-1])\n")
+    result = run_script("-c", script, str(folder), sql)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_chdb_folder_in_use_is_one_line_naming_the_fix(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time, clickhouse_connect\n"
+         "engine = clickhouse_connect.get_client(dsn='chdb:///' + sys.argv[1])\n"
+         "engine.command('SELECT 1')\n"
+         "print('open', flush=True)\ntime.sleep(60)\n", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        result = run_script("perspective_server.py", "--embedded", "--chdb-path", str(tmp_path),
+                            "--port", str(free_port()))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"perspective_server.py: {tmp_path}/ is in use by another process (chDB lets one process open a data "
+        "folder): stop the other --embedded server, or choose another folder with --chdb-path")
+    assert "Traceback" not in result.stderr
+
+
+def test_embedded_with_your_own_table_serves_it_and_leaves_the_demo_producer_out(tmp_path):
+    _chdb(tmp_path, "CREATE TABLE trades (trade_id UInt64, price Float64, "
+                    "inserted_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC')) ENGINE = MergeTree ORDER BY inserted_at;"
+                    "INSERT INTO trades (trade_id, price) VALUES (1, 10.5), (2, 11.25)")
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen([sys.executable, "perspective_server.py", "--embedded", "--chdb-path", str(tmp_path),
+                                   "--table", "trades", "--key", "trade_id", "--port", str(free_port())],
+                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "backfilled" not in log_path.read_text() and time.monotonic() < deadline:
+            assert server.poll() is None, log_path.read_text()
+            time.sleep(0.2)
+        text = log_path.read_text()
+        assert "backfilled 2 rows into Perspective table trades" in text
+        assert "the demo producer writes only stock_values, so it is not started" in text
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+    assert _chdb(tmp_path, "SELECT count() FROM system.tables WHERE database = 'demo' AND name = 'stock_values'") == "0"
+    assert _chdb(tmp_path, "SELECT count() FROM trades") == "2"
+
+
+def test_help_names_the_environment_variables(capsys):
+    for script in ("producer.py", "perspective_server.py"):
+        result = run_script(script, "--help")
+        assert result.returncode == 0
+        for variable in ("CLICKHOUSE_URL", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_WAIT"):
+            assert variable in result.stdout, f"{script} --help does not name {variable}"
