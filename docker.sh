@@ -11,7 +11,9 @@ set -euo pipefail
 image="${CLICKHOUSE_IMAGE:-clickhouse/clickhouse-server:25.8}"
 name="${CLICKHOUSE_CONTAINER:-perspective-clickhouse}"
 http_port="${CLICKHOUSE_HTTP_PORT:-8123}"
-native_port="${CLICKHOUSE_NATIVE_PORT:-9000}"
+# The scripts speak HTTP only. Set CLICKHOUSE_NATIVE_PORT (e.g. 9000) to also
+# publish the native protocol, for a clickhouse-client on this machine.
+native_port="${CLICKHOUSE_NATIVE_PORT:-}"
 wait_seconds="${CLICKHOUSE_WAIT_SECONDS:-60}"
 # No colon in this expansion: CLICKHOUSE_VOLUME= (empty) means "no volume,
 # start from scratch every time".
@@ -35,7 +37,7 @@ usage: ./docker.sh [start|stop|help]
 Settings (environment variables, with their current values):
   CLICKHOUSE_IMAGE=$image
   CLICKHOUSE_CONTAINER=$name
-  CLICKHOUSE_HTTP_PORT=$http_port  CLICKHOUSE_NATIVE_PORT=$native_port
+  CLICKHOUSE_HTTP_PORT=$http_port  CLICKHOUSE_NATIVE_PORT=${native_port:-(not published)}
   CLICKHOUSE_DB=$CLICKHOUSE_DB  CLICKHOUSE_USER=$CLICKHOUSE_USER  CLICKHOUSE_PASSWORD (default demo)
   CLICKHOUSE_VOLUME=$volume  (set it empty for a throwaway database)
   CLICKHOUSE_WAIT_SECONDS=$wait_seconds
@@ -74,9 +76,12 @@ start() {
     # not be reachable from the rest of the network.
     # The nofile ulimit is what ClickHouse asks for; the Docker default is
     # too low for it and it warns at startup.
+    local ports=(-p "127.0.0.1:$http_port:8123")
+    if [[ -n "$native_port" ]]; then
+        ports+=(-p "127.0.0.1:$native_port:9000")
+    fi
     docker run -d --name "$name" \
-        -p "127.0.0.1:$http_port:8123" \
-        -p "127.0.0.1:$native_port:9000" \
+        "${ports[@]}" \
         -e CLICKHOUSE_DB -e CLICKHOUSE_USER -e CLICKHOUSE_PASSWORD \
         -e CLICKHOUSE_DEFAULT_ACCESS_MANAGEMENT=1 \
         --ulimit nofile=262144:262144 \

@@ -258,7 +258,7 @@ class Tail:
         value = self.client.query(sql, parameters=parameters).result_rows[0][0]
         return None if value is None else int(value)
 
-    def backfill(self, limit: int, chunk_rows: int = 100_000) -> Iterator[pa.Table]:
+    def backfill(self, limit: int, chunk_rows: int = 500_000) -> Iterator[pa.Table]:
         """The newest `limit` rows, oldest first, in chunks; sets the watermark.
 
         Three reads, in this order, make the hand-over to the first poll exact:
@@ -283,18 +283,27 @@ class Tail:
             parameters={"lower": self.cursor.lower_bound, "upper": newest})
         self.cursor.remember(window)
         # LIMIT 1 BY: a key stored twice is still one row for the viewer.
+        # Large chunks: Perspective loads ten 100,000-row updates about 1.5x
+        # slower than one of 1,000,000 rows, so chunks only need to be small
+        # enough to keep the peak memory down.
         stream = self.client.query_arrow_stream(
             f"SELECT * FROM (SELECT {self._select()} FROM {quote(self.table)} "
             f"WHERE {self._cursor_column} <= fromUnixTimestamp64Micro({{upper:Int64}}, 'UTC') "
             f"ORDER BY {self._cursor_column} DESC LIMIT 1 BY {KEY} LIMIT {int(limit)}) ORDER BY {CURSOR}",
             parameters={"upper": newest}, settings={"max_block_size": chunk_rows})
+        # A row that committed between read 2 and read 3 is on screen, so it
+        # must not come back as a late commit: the keys of every streamed
+        # row inside the window are remembered too, once, at the end.
+        lower = self.cursor.lower_bound
+        shown_in_window = []
         with stream:
             for chunk in stream:
                 chunk = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
-                # A row that committed between read 2 and this one is on
-                # screen now, so it must not come back as a late commit.
-                self.cursor.remember(chunk.select([KEY, CURSOR]))
+                keys = chunk.select([KEY, CURSOR])
+                shown_in_window.append(keys.filter(pc.greater_equal(keys.column(CURSOR), lower)))
                 yield self._strip(chunk)
+        if shown_in_window:
+            self.cursor.remember(pa.concat_tables(shown_in_window))
 
     def poll(self) -> pa.Table:
         """Rows that arrived since the last call (or all rows, the first time).

@@ -72,6 +72,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -83,6 +84,7 @@ import clickhouse_connect  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import perspective  # noqa: E402
+import pyarrow as pa  # noqa: E402
 
 import producer  # noqa: E402
 from clickhouse_types import quote  # noqa: E402
@@ -96,10 +98,17 @@ START_MS = 1_700_000_000_000  # event time (ms) of the first batch; later batche
 OVERLAP = 3.0  # perspective_server.py's default --overlap
 
 PATHS = {
-    "tail": "a. Tail -> IPC -> update (this)",
+    "tail": "a. streamed Tail -> update (this)",
     "records": "b. query_df -> records -> update",
     "ceiling": "c. update(IPC) only (ceiling)",
 }
+# Column sets. The server keeps its --key column (`id`) out of Perspective
+# unless --show-key, so "key hidden" is what it really does.
+CONFIGS = {
+    "key-hidden": ("id",),
+    "with-id": (),
+}
+
 # Run order within a round: the records path last, because it leaves the
 # most memory behind (gigabytes at 5M rows) for the allocator to hand back.
 RUN_ORDER = ("tail", "ceiling", "records")
@@ -113,7 +122,12 @@ class SizeMismatch(Exception):
 class Result:
     path: str
     rows: int
+    config: str = ""
     seconds: list[float] = field(default_factory=list)
+    # RSS (GB) before a run, at its peak, and after it with the table alive.
+    rss_before_gb: list[float] = field(default_factory=list)
+    rss_peak_gb: list[float] = field(default_factory=list)
+    rss_after_gb: list[float] = field(default_factory=list)
 
     @property
     def best(self) -> float:
@@ -195,13 +209,15 @@ def run_tail(client, schema, rows: int, exclude: tuple[str, ...]) -> float:
     tail = new_tail(client, exclude)  # the server describes the table once, at start
     table = new_table(schema, rows)
     sync = Sync(tail, table)
-    started = time.perf_counter()
-    sync.backfill(rows)
-    size = table.size()
-    seconds = time.perf_counter() - started
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        sync.backfill(rows)
+        size = table.size()
+        seconds = time.perf_counter() - started
+    after = rss_gb()
     check_size(size, rows, "tail")
     table.delete()
-    return seconds
+    return seconds, peak.peak, after
 
 
 def records_frame_to_json_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -220,94 +236,63 @@ def records_frame_to_json_safe(df: pd.DataFrame) -> pd.DataFrame:
 def run_records(client, schema, rows: int, exclude: tuple[str, ...]) -> float:
     columns = "*" if not exclude else "* EXCEPT (" + ", ".join(quote(name) for name in exclude) + ")"
     table = new_table(schema, rows)
-    started = time.perf_counter()
-    df = client.query_df(f"SELECT {columns} FROM {TABLE} ORDER BY inserted_at DESC LIMIT {rows}")
-    records = records_frame_to_json_safe(df).to_dict("records")
-    table.update(records)
-    size = table.size()
-    seconds = time.perf_counter() - started
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        df = client.query_df(f"SELECT {columns} FROM {TABLE} ORDER BY inserted_at DESC LIMIT {rows}")
+        records = records_frame_to_json_safe(df).to_dict("records")
+        table.update(records)
+        size = table.size()
+        seconds = time.perf_counter() - started
     del df, records
+    after = rss_gb()
     check_size(size, rows, "records")
     table.delete()
-    return seconds
+    return seconds, peak.peak, after
 
 
 def ceiling_ipc(client, rows: int, exclude: tuple[str, ...]) -> bytes:
-    """The exact bytes path (a) hands to Table.update, made outside any timing."""
-    return to_ipc(new_tail(client, exclude).backfill(rows).drop_columns([CURSOR]))
+    """The rows path (a) hands to Table.update, as one IPC buffer made outside any timing."""
+    chunks = list(new_tail(client, exclude).backfill(rows))
+    return to_ipc(pa.concat_tables(chunks).drop_columns([CURSOR]))
 
 
 def run_ceiling(ipc: bytes, schema, rows: int) -> float:
     table = new_table(schema, rows)
-    started = time.perf_counter()
-    table.update(ipc)
-    size = table.size()
-    seconds = time.perf_counter() - started
+    with PeakRss() as peak:
+        started = time.perf_counter()
+        table.update(ipc)
+        size = table.size()
+        seconds = time.perf_counter() - started
+    after = rss_gb()
     check_size(size, rows, "ceiling")
     table.delete()
-    return seconds
+    return seconds, peak.peak, after
 
 
-# ---- where path (a) spends its time --------------------------------------
+# ---- memory --------------------------------------------------------------
 
-class _TimedClient:
-    """Passes everything to the client; clocks query_arrow."""
+class PeakRss:
+    """Samples this process's RSS every few ms while a path runs."""
 
-    def __init__(self, client):
-        self._client = client
-        self.seconds = 0.0
+    def __init__(self, every_s: float = 0.005):
+        self.every_s = every_s
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def query_arrow(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return self._client.query_arrow(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - started
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_gb())
+            self._stop.wait(self.every_s)
 
-    def __getattr__(self, name):
-        return getattr(self._client, name)
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
 
-
-def breakdown(client, schema, rows: int, exclude: tuple[str, ...]) -> dict:
-    """Path (a) once, step by step, in the order Sync.backfill runs them."""
-    timed_client = _TimedClient(client)
-    tail = new_tail(client, exclude)
-    tail.client = timed_client
-    accept = tail.cursor.accept
-    accept_seconds = [0.0]
-
-    def timed_accept(arrow):
-        started = time.perf_counter()
-        try:
-            return accept(arrow)
-        finally:
-            accept_seconds[0] += time.perf_counter() - started
-
-    tail.cursor.accept = timed_accept
-    table = new_table(schema, rows)
-
-    started = time.perf_counter()
-    fetched = tail.backfill(rows)
-    backfill_s = time.perf_counter() - started
-    t = time.perf_counter()
-    ipc = to_ipc(fetched.drop_columns([CURSOR]))
-    to_ipc_s = time.perf_counter() - t
-    t = time.perf_counter()
-    table.update(ipc)
-    size = table.size()
-    update_s = time.perf_counter() - t
-    total = time.perf_counter() - started
-    check_size(size, rows, "tail")
-    table.delete()
-    steps = {
-        "query_arrow": timed_client.seconds,
-        "Cursor.accept": accept_seconds[0],
-        "rest of Tail.backfill": backfill_s - timed_client.seconds - accept_seconds[0],
-        "drop cursor + to_ipc": to_ipc_s,
-        "Table.update + size": update_s,
-    }
-    return {"rows": rows, "total_s": total, "steps_s": steps,
-            "arrow_mb": fetched.nbytes / 1e6, "ipc_mb": len(ipc) / 1e6}
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_gb())
 
 
 # ---- report --------------------------------------------------------------
@@ -337,13 +322,16 @@ def machine(client) -> dict:
 
 
 def print_results(results: list[Result], repeat: int) -> None:
-    header = ("path", "rows", "best s", "median s", "rows/s", "vs records", "% of ceiling")
+    header = ("configuration", "path", "rows", "best s", "median s", "rows/s", "vs records", "% of ceiling",
+              "peak RSS", "peak / after")
     lines = []
     for result in results:
-        same = {r.path: r for r in results if r.rows == result.rows}
+        same = {r.path: r for r in results if r.rows == result.rows and r.config == result.config}
         records = same.get("records")
         ceiling = same.get("ceiling")
+        peak, after = max(result.rss_peak_gb), min(result.rss_after_gb)
         lines.append((
+            result.config,
             PATHS[result.path],
             f"{result.rows:,}",
             f"{result.best:.3f}",
@@ -351,20 +339,13 @@ def print_results(results: list[Result], repeat: int) -> None:
             f"{result.rows_per_s:,.0f}",
             f"{result.rows_per_s / records.rows_per_s:.1f}x" if records else "n/a",
             f"{100 * result.rows_per_s / ceiling.rows_per_s:.0f}%" if ceiling else "n/a",
+            f"{peak:.2f} GB",
+            f"{peak / after:.2f}x",
         ))
     widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
     print(f"\nrows/s from the best of {repeat} run(s); each run loads a fresh Perspective table")
     for row in [header, *lines]:
-        print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
-
-
-def print_breakdown(item: dict) -> None:
-    print(f"\npath a step by step, {item['rows']:,} rows, one run "
-          f"(Arrow {item['arrow_mb']:.0f} MB, IPC {item['ipc_mb']:.0f} MB):")
-    width = max(map(len, item["steps_s"]))
-    for step, seconds in item["steps_s"].items():
-        print(f"  {step.ljust(width)}  {seconds:7.3f} s  {100 * seconds / item['total_s']:4.0f}%")
-    print(f"  {'total'.ljust(width)}  {item['total_s']:7.3f} s")
+        print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
 
 
 # ---- main ----------------------------------------------------------------
@@ -376,10 +357,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per path and size (default 3)")
     parser.add_argument("--records-max-rows", type=int, default=None,
                         help="skip the slow records path (b) above this many rows (default: never skip)")
-    parser.add_argument("--exclude", metavar="COLUMN", nargs="+", default=[],
-                        help="leave these columns out of the Perspective table in all paths, e.g. "
-                             "--exclude id to see what the unique UUID strings cost")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the step-by-step run of path a")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
+                        help="which column sets to measure (default: both, the server's own first)")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if min(args.rows) < 1:
@@ -389,75 +368,69 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def measure(client, config: str, rows: int, ipc_rows: int | None, args) -> list[Result]:
+    """All paths for one column set and one size, interleaved, --repeat times."""
+    exclude = CONFIGS[config]
+    schema = to_ipc(new_tail(client, exclude).empty())
+    ipc = ceiling_ipc(client, rows, exclude)
+    with_records = args.records_max_rows is None or rows <= args.records_max_rows
+    if not with_records:
+        print(f"  records path skipped: {rows:,} > --records-max-rows {args.records_max_rows:,}")
+    runs = {path: Result(path, rows, config) for path in PATHS if with_records or path != "records"}
+    for attempt in range(args.repeat):
+        for path in RUN_ORDER:
+            if path not in runs:
+                continue
+            release_memory()
+            before = rss_gb()
+            if path == "tail":
+                seconds, peak, after = run_tail(client, schema, rows, exclude)
+            elif path == "records":
+                seconds, peak, after = run_records(client, schema, rows, exclude)
+            else:
+                seconds, peak, after = run_ceiling(ipc, schema, rows)
+            run = runs[path]
+            run.seconds.append(seconds)
+            run.rss_before_gb.append(before)
+            run.rss_peak_gb.append(peak)
+            run.rss_after_gb.append(after)
+            print(f"  run {attempt + 1}/{args.repeat}  {PATHS[path]:<34} {seconds:8.3f} s"
+                  f"  {rows / seconds:>12,.0f} rows/s   RSS {before:.2f} -> peak {peak:.2f} -> {after:.2f} GB",
+                  flush=True)
+    del ipc
+    return [runs[p] for p in PATHS if p in runs]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     client = connect()
     info = machine(client)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     print("records path (b): datetimes -> int64 ms and UUID -> str in pandas before to_dict, timed")
-
-    exclude = tuple(args.exclude)
-    known = {column.name for column in new_tail(client).columns}
-    if set(exclude) - known:
-        print(f"error: --exclude {' '.join(sorted(set(exclude) - known))}: no such column in {TABLE} "
-              f"(columns: {', '.join(sorted(known))})", file=sys.stderr)
-        return 2
-    if exclude:
-        print("columns left out of the Perspective table: " + ", ".join(exclude))
     market = producer.Market(seed=1)
     have = 0
     results: list[Result] = []
-    breakdowns: list[dict] = []
     try:
         for rows in sorted(set(args.rows)):
             started = time.perf_counter()
             have = fill(client, market, have, rows)
             print(f"\n{rows:,} rows in {TABLE} (filled in {time.perf_counter() - started:.1f} s)", flush=True)
-            schema = to_ipc(new_tail(client, exclude).empty())
-            ipc = ceiling_ipc(client, rows, exclude)
-            with_records = args.records_max_rows is None or rows <= args.records_max_rows
-            if not with_records:
-                print(f"  records path skipped: {rows:,} > --records-max-rows {args.records_max_rows:,}")
-            runs = {path: Result(path, rows) for path in PATHS if with_records or path != "records"}
-            if not args.no_breakdown:
-                # Before the timed runs: after the records path has run, the
-                # heap it leaves behind can slow the next run down.
-                release_memory()
-                breakdowns.append(breakdown(client, schema, rows, exclude))
-            for attempt in range(args.repeat):
-                for path in RUN_ORDER:
-                    if path not in runs:
-                        continue
-                    release_memory()
-                    before = rss_gb()
-                    if path == "tail":
-                        seconds = run_tail(client, schema, rows, exclude)
-                    elif path == "records":
-                        seconds = run_records(client, schema, rows, exclude)
-                    else:
-                        seconds = run_ceiling(ipc, schema, rows)
-                    runs[path].seconds.append(seconds)
-                    print(f"  run {attempt + 1}/{args.repeat}  {PATHS[path]:<34} {seconds:8.3f} s"
-                          f"  {rows / seconds:>12,.0f} rows/s   (RSS before {before:.1f} GB)", flush=True)
-            del ipc
-            results.extend(runs[p] for p in PATHS if p in runs)
+            for config in args.configs:
+                print(f" {config}:")
+                results.extend(measure(client, config, rows, None, args))
     except SizeMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
     print_results(results, args.repeat)
-    for item in breakdowns:
-        print_breakdown(item)
-
     if args.json:
         payload = {
             "machine": info,
             "repeat": args.repeat,
-            "excluded_columns": list(exclude),
+            "configs": {name: list(CONFIGS[name]) for name in args.configs},
             "records_conversion": "datetime64 -> int64 ms, UUID -> str (pandas, vectorised), inside the timing",
             "results": [{**asdict(r), "best_s": r.best, "median_s": r.median, "rows_per_s": r.rows_per_s}
                         for r in results],
-            "breakdown_path_a": breakdowns,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"\nwrote {args.json}")

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_sync_throughput_benchmark_runs_all_three_paths():
     result = subprocess.run(
-        [sys.executable, "bench/sync_throughput.py", "--rows", "5000", "--repeat", "1", "--no-breakdown"],
+        [sys.executable, "bench/sync_throughput.py", "--rows", "5000", "--repeat", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for path in ("a. Tail -> IPC -> update (this)", "b. query_df -> records -> update",

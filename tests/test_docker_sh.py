@@ -109,7 +109,8 @@ def test_start_runs_pinned_clickhouse_on_localhost_and_waits(fake_docker):
     assert "latest" not in image
 
     assert option_values(run, "--name") == ["perspective-clickhouse"]
-    assert sorted(option_values(run, "-p")) == ["127.0.0.1:8123:8123", "127.0.0.1:9000:9000"]
+    # HTTP only: nothing here speaks the native protocol.
+    assert sorted(option_values(run, "-p")) == ["127.0.0.1:8123:8123"]
     assert option_values(run, "-v") == ["perspective-clickhouse-data:/var/lib/clickhouse"]
     assert "nofile=262144:262144" in option_values(run, "--ulimit")
 
