@@ -73,6 +73,7 @@ BENCHMARKS = {
     "poll_cost": ([], ["--smoke"]),
     "producer_capacity": ([], ["--smoke"]),
     "memory": ([], ["--smoke"]),
+    "tail_rate": (["--rates", "2000", "5000", "10000"], ["--smoke"]),
 }
 
 

@@ -80,7 +80,7 @@ class Subject:
         self.read += selected_rows(client) - before
 
 
-def run_rate(rate: int, seconds: float, interval: float, overlap: float) -> list[dict]:
+def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_only: bool = False) -> list[dict]:
     client = clickhouse_connect.get_client(dsn="chdb://memory")
     database = f"tail_rate_{rate}"
     client.command(f"DROP DATABASE IF EXISTS {database}")
@@ -94,6 +94,8 @@ def run_rate(rate: int, seconds: float, interval: float, overlap: float) -> list
                                                                  max_pending_rows=batch * 100))
     subjects = [Subject("new", Tail(client, TABLE, "inserted_at", "id", overlap, ("id",)), 10_000_000),
                 Subject("old", RereadingTail(client, TABLE, "inserted_at", "id", overlap, ("id",)), 10_000_000)]
+    if new_only:
+        subjects = subjects[:1]
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop, 3600), daemon=True)
     thread.start()
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="seconds per rate (default 60)")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between polls (default 0.1)")
     parser.add_argument("--overlap", type=float, default=3.0, help="overlap window, seconds (default 3)")
+    parser.add_argument("--new-only", action="store_true",
+                        help="poll only the server's own tail (to find the rate it keeps up with alone)")
     parser.add_argument("--smoke", action="store_true", help="2 s at 2,000 rows/s")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{'lag p50':>8}  {'p95':>7}  {'max':>7}  kept up"
     print(header)
     for rate in args.rates:
-        for row in run_rate(rate, args.seconds, args.interval, args.overlap):
+        for row in run_rate(rate, args.seconds, args.interval, args.overlap, args.new_only):
             results.append(row)
             kept = row["lag_p95_ms"] is not None and row["lag_p95_ms"] < 1000
             print(f"{rate:>8,}  {row['tail']:<4}  {row['rows']:>9,}  {row['returned_per_new_row']:>12.2f}  "

@@ -18,9 +18,11 @@ def test_sync_throughput_benchmark_runs_all_three_paths():
         [sys.executable, "bench/sync_throughput.py", "--rows", "5000", "--repeat", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for path in ("a. Tail -> IPC -> update (this)", "b. query_df -> records -> update",
+    for path in ("a. streamed Tail -> update (this)", "b. query_df -> records -> update",
                  "c. update(IPC) only (ceiling)"):
         assert path in result.stdout
+    # The server's own column set (key hidden) and the id variant, side by side.
+    assert "key-hidden" in result.stdout and "with-id" in result.stdout
 
 
 def run_bench(script: str, *args: str) -> str:
@@ -54,3 +56,10 @@ def test_producer_capacity_benchmark_runs():
 def test_memory_benchmark_runs():
     output = run_bench("memory.py", "--smoke")
     assert "server RSS" in output
+
+
+def test_tail_rate_benchmark_compares_both_overlap_schemes():
+    output = run_bench("tail_rate.py", "--smoke")
+    lines = [line.split() for line in output.splitlines() if line.strip().startswith("2,000")]
+    assert [line[1] for line in lines] == ["new", "old"]
+    assert float(lines[0][3]) == 1.0  # the new scheme fetches each row once
