@@ -244,7 +244,7 @@ class Subject:
         for poller in self.pollers:
             poller.tail.describe()
             started = time.perf_counter()
-            rows = poller.tail.backfill(BACKFILL).num_rows
+            rows = sum(chunk.num_rows for chunk in poller.tail.backfill(BACKFILL))
             poller.backfill_s = time.perf_counter() - started
         return rows
 

@@ -5,8 +5,9 @@ embedded ClickHouse (chDB, in memory) with N rows from `producer.Market`, then
 times three ways of loading those same N rows into a fresh Perspective table:
 
   a. this project's path, exactly what perspective_server.py runs at start:
-     `Sync(tail, table).backfill(N)`, i.e. `Tail.backfill` (query_arrow,
-     Cursor.accept) -> `to_ipc` -> `Table.update(ipc_bytes)`;
+     `Sync(tail, table).backfill(N)`: `Tail.backfill` streams the rows in
+     Arrow chunks (query_arrow_stream) while a second thread hands each
+     chunk to `Table.update(arrow_table)`;
   b. the predecessor's path: `query_df("SELECT * ...")` ->
      `df.to_dict("records")` -> `Table.update(records)`. Perspective 4.3.0
      serialises a list of dicts with Python's json module, which rejects
@@ -15,48 +16,32 @@ times three ways of loading those same N rows into a fresh Perspective table:
      epoch and the UUID column to str, vectorised in pandas before to_dict;
      that conversion is inside the timing. It is cheaper than a per-value
      encoder hook, so this path is, if anything, flattered;
-  c. the ceiling: only `Table.update(ipc_bytes)` of the bytes path (a) feeds,
-     made before the clock starts. No ClickHouse path can beat it.
+  c. the ceiling: only `Table.update(ipc_bytes)` of the same rows as one
+     Arrow IPC buffer, made before the clock starts. No ClickHouse path can
+     beat it.
+
+Each runs for two column sets, side by side: `key-hidden`, what the server
+really does (its --key column `id` stays out of Perspective unless
+--show-key), and `with-id`, the unique UUID strings included.
 
 Each timed run gets a new perspective.Server, a table made as the server
-makes it (from the tail's empty Arrow batch) with `limit=N`, and ends with `table.size()`
-(inside the timing, so deferred work is counted) which must equal N. Paths run
-interleaved (a, c, b, a, c, b, ...) so drift hits all of them alike, with the
-records path last in each round because of the memory it leaves behind;
-rows/s is from the best of --repeat runs, the median is shown beside it.
-Before the timed runs, path (a) runs once untimed to make the ceiling's bytes
-and once with a stopwatch on each step, to show where its time goes.
+makes it (from the tail's empty Arrow batch) with `limit=N`, and ends with
+`table.size()` (inside the timing, so deferred work is counted) which must
+equal N. Paths run interleaved (a, c, b, a, c, b, ...) so drift hits all of
+them alike, with the records path last in each round because of the memory
+it leaves behind; rows/s is from the best of --repeat runs, the median is
+shown beside it. A thread samples RSS every 5 ms during each run: the table
+shows the peak and the peak divided by the RSS right after the run (the
+loaded table still alive).
 
 Run it from the repository root:
 
     python bench/sync_throughput.py                       # 1,000,000 rows, best of 3
     python bench/sync_throughput.py --rows 1000000 5000000 --records-max-rows 1000000
     python bench/sync_throughput.py --rows 20000 --repeat 1   # CI smoke run, a few seconds
-    python bench/sync_throughput.py --json results.json
+    python bench/sync_throughput.py --configs key-hidden --json results.json
 
-Sample output (2 cores, perspective-python 4.3.0, chDB 4.4.0):
-
-    $ python bench/sync_throughput.py --rows 1000000 --repeat 3
-    machine: nproc 2, python 3.11.7, ..., perspective-python 4.3.0, clickhouse-connect 1.12.0,
-             chdb 4.4.0, clickhouse 26.9.2.1, pyarrow 26.0.1, pandas 3.1.1
-    ...
-    rows/s from the best of 3 run(s); each run loads a fresh Perspective table
-    path                                   rows  best s  median s   rows/s  vs records  % of ceiling
-    a. Tail -> IPC -> update (this)   1,000,000   3.731     4.749  268,024        5.0x           70%
-    b. query_df -> records -> update  1,000,000  18.780    19.698   53,249        1.0x           14%
-    c. update(IPC) only (ceiling)     1,000,000   2.609     2.945  383,249        7.2x          100%
-
-    path a step by step, 1,000,000 rows, one run (Arrow 133 MB, IPC 125 MB):
-      query_arrow              1.100 s    19%
-      Cursor.accept            0.961 s    17%
-      rest of Tail.backfill    0.007 s     0%
-      drop cursor + to_ipc     0.321 s     6%
-      Table.update + size      3.332 s    58%
-      total                    5.723 s
-
-On this table most of Table.update's time goes to the `id` column: a million
-distinct UUID strings, which Perspective interns one by one (and more slowly
-per row as the table grows). `--exclude id` shows the same paths without it.
+bench/README.md has the figures measured on this repository's machine.
 Timings on small shared VMs vary by 20-30% from run to run.
 
 It exits 1 if a table ends up with a row count other than N.

@@ -131,22 +131,3 @@ def test_the_recipe_on_a_table_with_rows_hands_over_exactly_once(new_client):
     assert len(delivered) == len(set(delivered)), "a row was delivered twice"
     assert len(delivered) == LIMIT + 500 + 300
     assert sync.table.size() == LIMIT  # the rolling --limit keeps the newest
-
-
-def test_without_the_index_a_poll_reads_the_whole_table(new_client):
-    """The reason for the recipe's index, checked on the engine: the same
-    poll under the same read limit fails without it."""
-    client = new_client()
-    create_trades(client)
-    add_column, materialize_column, _, _ = recipe_statements()
-    client.command(add_column)
-    client.command(materialize_column)
-    tail = Tail(client, "trades", "inserted_at", "trade_id", OVERLAP_S)
-    tail.describe()
-    sync = Sync(tail, perspective_table(tail, limit=LIMIT))
-    sync.backfill(LIMIT)
-    time.sleep(OVERLAP_S + 0.5)
-    insert_new_trades(client, 1_000_000, 300)
-    client.set_client_setting("max_rows_to_read", 20_000)
-    with pytest.raises(Exception, match="TOO_MANY_ROWS|rows to read|max_rows_to_read"):
-        sync.poll()
