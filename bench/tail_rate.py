@@ -17,8 +17,9 @@ ClickHouse (chDB, in memory), as `perspective_server.py --embedded` does:
 
 For each tail it reports the rows ClickHouse returned per new row, the rows
 ClickHouse read per new row (system.events SelectedRows around each poll),
-how often the window had to be re-read, and the lag from a row's insert-time
-stamp to its arrival in the Perspective table (p50/p95/max). A rate is kept
+how often the window had to be re-read, how long a poll took (its queries
+plus Table.update), and the lag from a row's insert-time stamp to its
+arrival in the Perspective table (p50/p95/max). A rate is kept
 up with when the lag p95 stays under 1 s for the whole run.
 
 Run it from the repository root:
@@ -71,11 +72,13 @@ class Subject:
         self.name = name
         self.sync = Sync(tail, perspective.Server().new_local_client().table(to_ipc(tail.empty()), limit=limit))
         self.read = 0
-        self.lags_ms: list[np.ndarray] = []
+        self.poll_ms: list[float] = []
 
     def poll(self, client) -> None:
         before = selected_rows(client)
+        started = time.perf_counter()
         self.sync.poll()
+        self.poll_ms.append((time.perf_counter() - started) * 1000)
         # The events query itself selects a row or so; negligible here.
         self.read += selected_rows(client) - before
 
@@ -125,6 +128,8 @@ def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_onl
             "returned_per_new_row": tail.rows_returned / max(1, stored),
             "read_per_new_row": subject.read / max(1, stored),
             "window_rereads": tail.window_rereads,
+            "poll_p50_ms": float(np.percentile(subject.poll_ms, 50)),
+            "poll_p95_ms": float(np.percentile(subject.poll_ms, 95)),
             "lag_p50_ms": float(np.percentile(lags, 50)) if len(lags) else None,
             "lag_p95_ms": float(np.percentile(lags, 95)) if len(lags) else None,
             "lag_max_ms": float(lags.max()) if len(lags) else None,
@@ -149,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     print(f"poll every {args.interval} s, overlap {args.overlap} s, one insert every 0.5 s; both tails polled each tick")
     header = f"{'rows/s':>8}  {'tail':<4}  {'rows':>9}  {'returned/new':>12}  {'read/new':>9}  {'rereads':>8}  " \
-             f"{'lag p50':>8}  {'p95':>7}  {'max':>7}  kept up"
+             f"{'poll p50':>8}  {'p95':>6}  {'lag p50':>8}  {'p95':>7}  {'max':>7}  kept up"
     print(header)
     for rate in args.rates:
         for row in run_rate(rate, args.seconds, args.interval, args.overlap, args.new_only):
             results.append(row)
             kept = row["lag_p95_ms"] is not None and row["lag_p95_ms"] < 1000
             print(f"{rate:>8,}  {row['tail']:<4}  {row['rows']:>9,}  {row['returned_per_new_row']:>12.2f}  "
-                  f"{row['read_per_new_row']:>9.1f}  {row['window_rereads']:>8,}  {row['lag_p50_ms']:>6.0f}ms  "
+                  f"{row['read_per_new_row']:>9.1f}  {row['window_rereads']:>8,}  {row['poll_p50_ms']:>6.1f}ms  "
+                  f"{row['poll_p95_ms']:>4.0f}ms  {row['lag_p50_ms']:>6.0f}ms  "
                   f"{row['lag_p95_ms']:>5.0f}ms  {row['lag_max_ms']:>5.0f}ms  {'yes' if kept else 'NO'}", flush=True)
     summary = []
     for row in results:
