@@ -12,11 +12,18 @@ What this module does instead:
 * The table has a cursor column that ClickHouse stamps when a row arrives,
   `inserted_at DateTime64(6) DEFAULT now64(6)`, and the cursor leads the
   ORDER BY, so each poll is a range scan over the newest part of the index.
-* The watermark is the largest cursor delivered so far. Each poll asks for
-  `cursor >= watermark - overlap`: rows that committed late, with a cursor a
-  little older than rows already delivered, are still inside the window.
-* Re-reading the overlap returns rows that were already delivered, so the
-  keys delivered inside the window are remembered and those rows dropped.
+* The watermark is the largest cursor delivered so far. Rows that commit
+  late, with a cursor a little older than rows already delivered, still
+  fall inside the window `[watermark - overlap, watermark]`.
+* The keys read inside that window are remembered. Each poll first asks
+  ClickHouse for one row: how many distinct keys the window holds now, and
+  their XOR. If both match what was remembered, nothing committed late, and
+  the poll fetches only `cursor > watermark`. If not, it fetches the whole
+  window again and drops the keys it already delivered. So a row is fetched
+  once, not overlap / interval (30) times.
+* The backfill (the newest --limit rows, at start) remembers the keys of
+  every row in the window, including the ones it leaves out, so the first
+  poll does not deliver them.
 
 A row that becomes visible more than `overlap` seconds after its cursor was
 stamped is missed. Raise --overlap if your inserts can take longer to commit.
