@@ -40,7 +40,9 @@ side by side by a second process (this file with --serve-predecessor): every
 SECOND` (second precision, as it was) -> query_df -> to_dict("records") ->
 Table.update(records) (datetimes and UUIDs made JSON-safe as in
 bench/sync_throughput.py), into a Perspective table served by perspective's
-stock PerspectiveTornadoHandler with the same index.html. That scheme
+stock PerspectiveTornadoHandler with the page before the dashboard (the
+--old-page, one grid: with the dashboard's views that server stopped
+answering in this bench, see run()). That scheme
 delivers a row on every poll whose window still covers it (4 to 8 polls),
 and never delivers a row that becomes visible after the window has passed
 it, so its duplicate ratio (rows delivered / distinct rows) and missed rows
@@ -112,6 +114,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -240,9 +243,10 @@ def start_project_server(port: int, harness, database: str, log_path: Path, inte
                    env, log_path)
 
 
-def start_predecessor_server(port: int, harness, database: str, log_path: Path) -> Program:
+def start_predecessor_server(port: int, harness, database: str, log_path: Path, page: Path) -> Program:
     env = {**harness.env(), "CLICKHOUSE_DB": database}
-    return Program("predecessor", [str(Path(__file__).resolve()), "--serve-predecessor", str(port)], env, log_path)
+    return Program("predecessor", [str(Path(__file__).resolve()), "--serve-predecessor", str(port),
+                                   "--predecessor-page", str(page)], env, log_path)
 
 
 # ---- the producer ----------------------------------------------------------
@@ -426,11 +430,19 @@ def chromium():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        chrome = pw.chromium.launch(executable_path=browser.CHROMIUM, headless=True, args=browser.CHROMIUM_ARGS)
+        # The old page is served by routing (Pages.open), and Chromium counts a
+        # routed document as a public page, which may not open a websocket to
+        # 127.0.0.1 unless local network access checks are off.
+        chrome = pw.chromium.launch(executable_path=browser.CHROMIUM, headless=True,
+                                    args=[*browser.CHROMIUM_ARGS, "--disable-features=LocalNetworkAccessChecks"])
         try:
             yield chrome
         finally:
             chrome.close()
+
+
+def serve_document(html: bytes, route, request=None) -> None:
+    route.fulfill(status=200, body=html, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
 class Pages:
@@ -457,9 +469,7 @@ class Pages:
             self.routers.append(self.browser.CdnRouter().install(context))
             page = self.pages[scheme] = context.new_page()
             if documents and scheme in documents:
-                html = documents[scheme]
-                page.route(url, lambda route, html=html: route.fulfill(
-                    status=200, body=html, headers={"Content-Type": "text/html; charset=utf-8"}))
+                page.route(url, functools.partial(serve_document, documents[scheme]))
             consoles[scheme] = self.browser.ConsoleErrors(page)
             page.goto(url)
         for scheme, page in self.pages.items():
@@ -600,7 +610,7 @@ def run(args) -> dict:
     from servers import free_port
 
     schemes = [args.only] if args.only else list(SCHEMES)
-    old_page = read_old_page(args.old_page) if args.old_page and not args.no_browser else None
+    old_page = read_old_page(args.old_page) if args.old_page else None
     database = f"freshness_{uuid.uuid4().hex[:8]}"
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -616,12 +626,19 @@ def run(args) -> dict:
         warmup.insert_one()
         warmup.executor.shutdown()
         ports = {scheme: free_port() for scheme in schemes}
+        # The predecessor serves the one-grid page when git can show it: with
+        # the dashboard's five views its stock handler stopped answering here
+        # (0% CPU, no row delivered), while this project's server serves the
+        # dashboard. The polling schemes are compared on the Python hop.
+        predecessor_page = workdir / "predecessor.html"
+        predecessor_page.write_bytes(old_page or (REPO / "index.html").read_bytes())
         servers = {}
         for scheme in schemes:
             log_path = workdir / f"{scheme}.log"
             servers[scheme] = (start_project_server(ports[scheme], harness, database, log_path, args.server_interval)
                                if scheme == "project" else
-                               start_predecessor_server(ports[scheme], harness, database, log_path))
+                               start_predecessor_server(ports[scheme], harness, database, log_path,
+                                                        predecessor_page))
             stack.callback(servers[scheme].stop)
         pages = Pages(stack.enter_context(chromium())) if not args.no_browser else None  # while the servers start
         for scheme, server in servers.items():
@@ -634,7 +651,7 @@ def run(args) -> dict:
         if pages:
             urls = {scheme: f"http://127.0.0.1:{port}/" for scheme, port in ports.items()}
             documents = {}
-            if old_page is not None and "project" in ports:
+            if old_page is not None and "project" in ports and not args.smoke:
                 urls[OLD_PAGE] = f"http://127.0.0.1:{ports['project']}/?old-page"
                 documents[OLD_PAGE] = old_page
             pages.open(urls, args.probe_rows, args.page_throttle, documents)
@@ -843,7 +860,7 @@ def check(results: dict) -> list[str]:
 
 # ---- the predecessor's server (a subprocess of the bench) ----------------
 
-def serve_predecessor(port: int, interval: float = 0.25) -> int:
+def serve_predecessor(port: int, page: Path, interval: float = 0.25) -> int:
     """The predecessor's scheme: poll the last second by `timestamp`, records into Perspective."""
     import clickhouse_connect
     import perspective
@@ -853,7 +870,7 @@ def serve_predecessor(port: int, interval: float = 0.25) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sync_throughput import records_frame_to_json_safe  # the same conversion as its records path
 
-    index = (REPO / "index.html").read_bytes()
+    index = page.read_bytes()
 
     class Index(tornado.web.RequestHandler):
         def get(self):
@@ -922,16 +939,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--page-throttle", type=float, metavar="MS",
                         help="diagnosis: viewer.setThrottle(MS) in the pages (default: the viewer's adaptive throttle)")
     parser.add_argument("--old-page", default="main:index.html", metavar="GIT_REF:PATH",
-                        help="also measure this older page (git show GIT_REF:PATH) on this project's server, "
-                             "beside the dashboard (default main:index.html; '' to skip)")
+                        help="the page before the dashboard (git show GIT_REF:PATH; default main:index.html): "
+                             "measured on this project's server beside the dashboard (not with --smoke), and "
+                             "served by the predecessor's server ('' for neither)")
     parser.add_argument("--drain", type=float, default=10,
                         help="seconds to wait for the last batch after the inserts stop (default 10)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: --seconds 8 --warmup 0")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     parser.add_argument("--serve-predecessor", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--predecessor-page", default=str(REPO / "index.html"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.seconds, args.warmup, args.drain, args.old_page = 8, 0, 5, ""
+        args.seconds, args.warmup, args.drain = 8, 0, 5
     if args.seconds <= 0 or args.warmup < 0 or args.batch_size < 1 or args.batch_interval <= 0:
         parser.error("--seconds, --batch-size and --batch-interval must be positive, --warmup >= 0")
     if not 0 <= args.jitter < args.batch_interval:
@@ -942,7 +961,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.serve_predecessor:
-        return serve_predecessor(args.serve_predecessor)
+        return serve_predecessor(args.serve_predecessor, Path(args.predecessor_page))
     started = time.monotonic()
     results = run(args)
     results["wall_s"] = time.monotonic() - started
