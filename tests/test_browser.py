@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 import browser
+import chdb_http
 from servers import STARTUP_TIMEOUT_S, Program, free_port
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -210,24 +211,40 @@ def test_a_changed_view_survives_a_reload_until_reset(start_server, browser_cont
 
 
 def test_a_table_of_your_own_gets_a_plain_grid(browser_context, tmp_path):
-    port = free_port()
-    # --embedded creates the table it is told to tail, with the demo's columns.
-    server = Program("perspective_server.py", ["--embedded", "--chdb-path", ":memory:", "--port", str(port),
-                                               "--table", "my_trades"], {}, tmp_path / "server.log")
-    try:
-        wait_for_page(f"http://127.0.0.1:{port}/", server)
-        page, router, console = open_page(browser_context, f"http://127.0.0.1:{port}/")
-        wait_live(page, router, console)
-        assert browser.view_names(page) == ["table"]
-        config = browser.viewer_config(page)
-        assert config["plugin"] == "Datagrid" and config["title"] == "my_trades"
-        assert config["group_by"] == [] and config["split_by"] == []
-        assert_grid_has_cells(page)
-        router.assert_ok()
-        assert console.errors == []
-        assert server.interrupt(30) == 0, server.log()
-    finally:
-        server.kill()
+    """--table with a table that is not the demo's: one grid of all its columns."""
+    with chdb_http.running(tmp_path / "chdb-data") as harness:
+        admin = harness.client(autogenerate_session_id=False)
+        admin.command("CREATE DATABASE own")
+        admin.command("""
+            CREATE TABLE own.my_trades (
+                inserted_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC'),
+                trade_id    UInt64,
+                symbol      String,
+                price       Float64
+            ) ENGINE = MergeTree ORDER BY inserted_at""")
+        admin.command("INSERT INTO own.my_trades (trade_id, symbol, price) "
+                      "SELECT number, 'ACME', 100 + number FROM numbers(50)")
+        admin.close()
+        port = free_port()
+        server = Program("perspective_server.py",
+                         ["--port", str(port), "--table", "my_trades", "--key", "trade_id"],
+                         {**harness.env(), "CLICKHOUSE_DB": "own"}, tmp_path / "server.log")
+        try:
+            wait_for_page(f"http://127.0.0.1:{port}/", server)
+            page, router, console = open_page(browser_context, f"http://127.0.0.1:{port}/")
+            wait_live(page, router, console)
+            assert browser.view_names(page) == ["table"]
+            config = browser.viewer_config(page)
+            assert config["plugin"] == "Datagrid" and config["title"] == "my_trades"
+            assert config["group_by"] == [] and config["split_by"] == []
+            assert {"symbol", "price"} <= set(config["columns"])  # the key column stays on the server
+            assert browser.row_count(page) == 50
+            assert_grid_has_cells(page)
+            router.assert_ok()
+            assert console.errors == []
+            assert server.interrupt(30) == 0, server.log()
+        finally:
+            server.kill()
 
 
 def test_reconnects_after_server_restart(start_server, browser_context):
@@ -252,7 +269,7 @@ def test_reconnects_after_server_restart(start_server, browser_context):
     # Every view is back on the new server's table, with the user's configs.
     pivot = browser.viewer_config(page, "pivot")
     assert pivot["group_by"] == ["client"] and pivot["split_by"] == []
-    assert pivot["aggregates"]["notional"] == "sum"
+    assert pivot["aggregates"] == {"trades": "count", "volume": "sum"}
     assert browser.viewer_config(page, "candles")["filter"] == [["ticker", "==", "NVDA"]]
     assert browser.viewer_config(page, "lines")["split_by"] == ["ticker"]
     assert browser.row_count(page) > 0
