@@ -34,6 +34,7 @@ Run it from the repository root:
 
     python bench/fanout.py                         # 50 viewers, 30 s
     python bench/fanout.py --viewers 1 10 50       # the same server, three runs
+    python bench/fanout.py --page none dashboard   # one counting view per viewer, then the dashboard
     python bench/fanout.py --smoke                 # CI: 5 viewers, 5 s, < 20 s in all
     python bench/fanout.py --json fanout.json
 
@@ -64,6 +65,20 @@ Table.update, builds a row delta for each of the 50 views: 50 viewers add
 ~60-100 ms to the p50 of 1 viewer. --server-interval 0.1 gave a lag p95 of
 229 ms at the same server CPU (22%; chdb_http 18%).
 
+Each viewer stands for one browser on the dashboard (--page dashboard, the
+default): besides its counting view it holds every default view of
+index.html, with the configs the page's own viewers hold (read once from the
+page in headless Chromium, so the bench follows index.html), and after each
+update reads each view again as its plugin does: a chart its whole
+aggregated view (to_columns), a grid the first 40 rows (a screenful). One
+re-read per view is in flight at a time; updates that arrive meanwhile are
+folded into one more, as the viewer's render throttle does. --page none is
+the counting view alone (one row-delta view per browser, the old single-grid
+page's cost in this model); `--page none dashboard` runs both, one after the
+other against the same server, for a side-by-side ratio. The browsers are
+modelled in Python rather than run: 50 real Chromium pages would take the
+two cores the server is being measured on.
+
 All viewers live in this one process, so their lag includes this process's
 own queueing; the bench CPU column shows how busy it was. It exits 1 if any
 viewer missed a row or the table size is wrong.
@@ -74,6 +89,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import re
@@ -89,16 +105,82 @@ import producer  # noqa: E402
 
 TABLE = freshness.TABLE
 LIMIT = 10_000  # perspective_server.py's default --limit
+GRID_ROWS = 40  # rows a datagrid reads per redraw: what fits on screen, plus a margin
+
+# The keys of a viewer config that shape the view the server computes (the
+# rest, e.g. plugin, title or theme, only change how the browser draws it).
+VIEW_KEYS = ("group_by", "split_by", "columns", "aggregates", "expressions", "filter", "sort",
+             "group_rollup_mode")
+
 SYNCED = re.compile(r"synced ([\d,]+) rows \((\d+) rows/s\), lag p50 (\d+) ms / max (\d+) ms, (\d+) viewer")
 
 
-async def measure(args, harness, database: str, port: int, server: freshness.Program, viewers: int) -> dict:
+def read_page_views(url: str) -> dict[str, tuple[dict, bool]]:
+    """The dashboard's default views as the page sets them up: name -> (view config, is a grid).
+
+    Read from a fresh browser profile, so no saved layout of a user's gets in.
+    """
+    import browser
+
+    with browser.launch_chromium() as context:
+        router = browser.CdnRouter().install(context)
+        page = context.new_page()
+        page.goto(url)
+        browser.wait_for_status(page, "live", timeout_ms=60_000)
+        configs = {name: browser.viewer_config(page, name) for name in browser.view_names(page)}
+        router.assert_ok()
+    return {name: ({key: config[key] for key in VIEW_KEYS if config.get(key)}, config["plugin"] == "Datagrid")
+            for name, config in configs.items()}
+
+
+class Dashboard:
+    """One browser's dashboard: the page's views on its connection, re-read after every update."""
+
+    def __init__(self):
+        self.redraws = 0
+        self.errors: list[str] = []
+        self._busy: set[str] = set()
+        self._dirty: set[str] = set()
+
+    async def open(self, table, page_views: dict[str, tuple[dict, bool]]) -> None:
+        for name, (config, is_grid) in page_views.items():
+            view = await table.view(**config)
+            read = (functools.partial(view.to_columns_string, start_row=0, end_row=GRID_ROWS) if is_grid
+                    else view.to_columns_string)
+            await read()  # the first draw
+            await view.on_update(functools.partial(self._updated, name, read))
+
+    def _updated(self, name: str, read, *_) -> None:
+        if name in self._busy:
+            self._dirty.add(name)  # folded into the re-read after the one in flight
+        else:
+            self._busy.add(name)
+            asyncio.ensure_future(self._redraw(name, read))
+
+    async def _redraw(self, name: str, read) -> None:
+        try:
+            while True:
+                self._dirty.discard(name)
+                await read()
+                self.redraws += 1
+                if name not in self._dirty:
+                    break
+        except Exception as error:  # reported with the run's figures
+            self.errors.append(f"{name}: {type(error).__name__}: {error}")
+        finally:
+            self._busy.discard(name)
+
+
+async def measure(args, harness, database: str, port: int, server: freshness.Program, viewers: int,
+                  page_views: dict[str, tuple[dict, bool]]) -> dict:
     client = harness.client(autogenerate_session_id=False, database=database)
     watchers = [freshness.Watcher(with_ids=False) for _ in range(viewers)]
+    dashboards = [Dashboard() for _ in range(viewers)]
     connections = []
     connect_started = time.monotonic()
-    for watcher in watchers:
+    for watcher, dashboard in zip(watchers, dashboards):
         connections.append(await freshness.subscribe(port, ["timestamp"], watcher))
+        await dashboard.open(connections[-1][2], page_views)
     connect_s = time.monotonic() - connect_started
     log_offset = len(server.log())
     feed = freshness.Feed(client, args.batch_size, args.batch_interval, args.jitter)
@@ -137,7 +219,8 @@ async def measure(args, harness, database: str, port: int, server: freshness.Pro
                        (int(g.replace(",", "")) for g in m.groups())))
               for m in SYNCED.finditer(server.log()[log_offset:])]
     return {
-        "viewers": viewers, "connect_s": connect_s, "feed_s": feed_s, "run_s": run_s, "drained": drained,
+        "viewers": viewers, "page_views": sorted(page_views), "connect_s": connect_s,
+        "redraws_per_viewer": sum(d.redraws for d in dashboards) / viewers, "feed_s": feed_s, "run_s": run_s, "drained": drained,
         "batches": len(sent), "rows_sent": len(sent) * args.batch_size,
         "rows_per_viewer": [sum(w.rows.get(ts, 0) for ts in sent) for w in watchers],
         "viewers_missing_rows": missed_viewers, "rows_missing": missing_rows, "rows_extra": extra_rows,
@@ -148,7 +231,7 @@ async def measure(args, harness, database: str, port: int, server: freshness.Pro
         "batches_timeline": [{"ts_ms": s.ts_ms, "insert_ms": round(s.insert_s * 1000, 1),
                               "first_viewer_ms": _lag(watchers, s.ts_ms, min),
                               "last_viewer_ms": _lag(watchers, s.ts_ms, max)} for s in feed.sent],
-        "errors": sorted({e for w in watchers for e in w.errors})[:5],
+        "errors": sorted({e for w in watchers for e in w.errors} | {e for d in dashboards for e in d.errors})[:5],
     }
 
 
@@ -182,10 +265,15 @@ def run(args) -> dict:
                                                 args.server_interval)
         stack.callback(server.stop)
         server.wait_http(f"http://127.0.0.1:{port}/")
-        for viewers in args.viewers:
-            print(f"{viewers} viewer(s): connecting, then {args.seconds:g} s of inserts ...", flush=True)
-            result = asyncio.run(measure(args, harness, database, port, server, viewers))
-            results.append(result)
+        page_views = read_page_views(f"http://127.0.0.1:{port}/") if "dashboard" in args.page else {}
+        for page in args.page:
+            for viewers in args.viewers:
+                views = page_views if page == "dashboard" else {}
+                print(f"{viewers} viewer(s), page {page} ({', '.join(['counting view', *views])}): "
+                      f"connecting, then {args.seconds:g} s of inserts ...", flush=True)
+                result = asyncio.run(measure(args, harness, database, port, server, viewers, views))
+                result["page"] = page
+                results.append(result)
         admin.close()
     return {"machine": info, "summary": summary(results, args), "settings": {
         "seconds": args.seconds, "batch_size": args.batch_size, "batch_interval_s": args.batch_interval,
@@ -201,11 +289,11 @@ def summary(runs: list[dict], args) -> list[dict]:
     out = []
     rate = f"{args.batch_size / args.batch_interval:,.0f} rows/s"
     for run in runs:
-        n = run["viewers"]
+        n = f"{run['viewers']} viewers, page {run['page']}"
         lag = run["lag_newest_ms"]
         out += [
             {"figure": f"viewers that missed a row ({n} viewers, {rate})",
-             "value": f"{run['viewers_missing_rows']}/{n}", "target": "0",
+             "value": f"{run['viewers_missing_rows']}/{run['viewers']}", "target": "0",
              "met": not run["viewers_missing_rows"] and not run["rows_extra"]
              and run["table_size"] == run["expected_size"]},
             {"figure": f"lag p95 across viewers, now - newest row at each update ({n} viewers)",
@@ -223,7 +311,7 @@ def print_results(results: dict) -> None:
     print(f"\nfanout: {settings['batch_size']:,} rows every {settings['batch_interval_s']:g} s "
           f"({rate:,.0f} rows/s, {rate / 200:g}x the demo; each sent up to {settings['jitter_s'] * 1000:.0f} ms "
           f"after its tick), {settings['seconds']:g} s per run; {settings['server']}")
-    header = ("viewers", "batches", "rows each", "viewers missing rows", "lag p50 ms", "lag p95 ms", "lag max ms",
+    header = ("viewers", "page", "redraws each", "batches", "rows each", "viewers missing rows", "lag p50 ms", "lag p95 ms", "lag max ms",
               "every-batch p95 ms", "spread p95 ms", "server CPU", "chdb_http CPU", "bench CPU")
     rows = []
     for run in results["runs"]:
@@ -232,7 +320,7 @@ def print_results(results: dict) -> None:
                 else f"{min(per_viewer):,}-{max(per_viewer):,}")
         cpu = run["cpu_percent_of_one_core"]
         lag, every, spread = run["lag_newest_ms"], run["lag_every_batch_ms"], run["spread_ms"]
-        rows.append((run["viewers"], run["batches"], each, f"{run['viewers_missing_rows']}/{run['viewers']}",
+        rows.append((run["viewers"], run["page"], f"{run['redraws_per_viewer']:,.0f}", run["batches"], each, f"{run['viewers_missing_rows']}/{run['viewers']}",
                      freshness.ms(lag["p50_ms"]), freshness.ms(lag["p95_ms"]), freshness.ms(lag["max_ms"]),
                      freshness.ms(every["p95_ms"]), freshness.ms(spread["p95_ms"]),
                      f"{cpu['server']:.0f}%", f"{cpu['chdb_http']:.0f}%", f"{cpu['bench']:.0f}%"))
@@ -244,7 +332,7 @@ def print_results(results: dict) -> None:
         server_lag = (", server log (inserted_at -> Perspective table): "
                       + "; ".join(f"p50 {s['lag_p50_ms']} / max {s['lag_max_ms']} ms" for s in synced)
                       if synced else "")
-        print(f"{run['viewers']} viewer(s): {run['rows_sent']:,} rows sent, each viewer received "
+        print(f"{run['viewers']} viewer(s), page {run['page']}: {run['rows_sent']:,} rows sent, each viewer received "
               f"{min(run['rows_per_viewer']):,}-{max(run['rows_per_viewer']):,}; table size {run['table_size']:,} "
               f"(expected {run['expected_size']:,} = min(rows in ClickHouse {run['rows_in_clickhouse']:,}, "
               f"--limit {LIMIT:,})); insert call p50 {freshness.ms(insert['p50_ms'])} / p95 "
@@ -253,8 +341,18 @@ def print_results(results: dict) -> None:
             print(f"  errors in on_update: {run['errors']}")
         if not run["drained"]:
             print(f"  not every viewer saw the last batch within {results['settings'].get('drain', 'the drain')} s")
-    if len(results["runs"]) > 1:
-        first, last = results["runs"][0], results["runs"][-1]
+    by_page = {}
+    for run in results["runs"]:
+        by_page.setdefault(run["viewers"], {})[run["page"]] = run
+    for viewers, pages in by_page.items():
+        if {"none", "dashboard"} <= set(pages):
+            none, dash = (pages[p]["cpu_percent_of_one_core"]["server"] for p in ("none", "dashboard"))
+            lags = (pages[p]["lag_newest_ms"]["p95_ms"] for p in ("none", "dashboard"))
+            print(f"{viewers} viewers, dashboard / counting view only: server CPU {dash:.0f}% / {none:.0f}% "
+                  f"({dash / none:.1f}x), lag p95 {' / '.join(freshness.ms(lag) for lag in lags)} ms")
+    runs_of_first_page = [run for run in results["runs"] if run["page"] == results["runs"][0]["page"]]
+    if len(runs_of_first_page) > 1:
+        first, last = runs_of_first_page[0], runs_of_first_page[-1]
         extra = last["viewers"] - first["viewers"]
         if extra > 0:
             per = (last["cpu_percent_of_one_core"]["server"] - first["cpu_percent_of_one_core"]["server"]) / extra
@@ -280,6 +378,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Fan-out: many websocket viewers, 10x the demo's insert rate.")
     parser.add_argument("--viewers", type=int, nargs="+", default=[50],
                         help="viewers to connect (default 50); several values run one after another")
+    parser.add_argument("--page", nargs="+", choices=("dashboard", "none"), default=["dashboard"],
+                        help="what each viewer holds besides its counting view: every default view of "
+                             "index.html (dashboard, the default) or nothing (none); both run one after another")
     parser.add_argument("--seconds", type=float, default=30, help="seconds of inserts per run (default 30)")
     parser.add_argument("--batch-size", type=int, default=1000, help="rows per insert (default 1000)")
     parser.add_argument("--batch-interval", type=float, default=0.5, help="seconds between inserts (default 0.5)")

@@ -10,10 +10,14 @@ insert to the row being visible, with the demo's default settings
   2. insert -> browser page: headless Chromium on the served index.html
      (Debian's chromium with the CDN routed to tests/node_modules, as in
      tests/browser.py), measured inside the page with a second view on the
-     viewer's table: `on_update` -> `to_columns()` of the newest rows
-     ("data"), then `await viewer.flush()` and one animation frame ("drawn":
-     the viewer's own grid has redrawn with the update). The target is
-     drawn p95 <= 500 ms.
+     viewers' table: `on_update` -> `to_columns()` of the newest rows
+     ("data"), then `flush()` of every viewer on the page and one animation
+     frame ("drawn": every view of the dashboard has redrawn with the
+     update). The target is drawn p95 <= 500 ms.
+
+The page before the dashboard (one grid; --old-page, by default
+`git show main:index.html`) is measured in the same run, on the same
+server, in a window of its own beside the dashboard: "old page" rows.
 
 Every process is the real one: ClickHouse is the chDB test harness
 (tests/chdb_http.py, chDB behind ClickHouse's HTTP interface) and the server
@@ -36,7 +40,9 @@ side by side by a second process (this file with --serve-predecessor): every
 SECOND` (second precision, as it was) -> query_df -> to_dict("records") ->
 Table.update(records) (datetimes and UUIDs made JSON-safe as in
 bench/sync_throughput.py), into a Perspective table served by perspective's
-stock PerspectiveTornadoHandler with the same index.html. That scheme
+stock PerspectiveTornadoHandler with the page before the dashboard (the
+--old-page, one grid: with the dashboard's views that server stopped
+answering in this bench, see run()). That scheme
 delivers a row on every poll whose window still covers it (4 to 8 polls),
 and never delivers a row that becomes visible after the window has passed
 it, so its duplicate ratio (rows delivered / distinct rows) and missed rows
@@ -60,6 +66,7 @@ Run it from the repository root (needs `npm ci --prefix tests` and
 
     python bench/freshness.py                        # 60 s, both schemes
     python bench/freshness.py --only project --seconds 30
+    python bench/freshness.py --old-page ''                # without the old page beside the dashboard
     python bench/freshness.py --only project --server-interval 0.1   # what a shorter poll buys
     python bench/freshness.py --smoke                # CI: 8 s of inserts, < 20 s in all
     python bench/freshness.py --json freshness.json
@@ -107,6 +114,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -142,6 +150,7 @@ PREDECESSOR_SCHEMA = {
     "volume": "integer", "date": "date",
 }
 SCHEMES = {"project": "this project", "predecessor": "predecessor"}
+OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project's server
 TARGET_BROWSER_P95_MS = 500
 # perspective_server.py's 10-second report: lag from inserted_at to the Perspective table.
 SYNCED = re.compile(r"synced [\d,]+ rows \(\d+ rows/s\), lag p50 (\d+) ms / max (\d+) ms")
@@ -234,9 +243,10 @@ def start_project_server(port: int, harness, database: str, log_path: Path, inte
                    env, log_path)
 
 
-def start_predecessor_server(port: int, harness, database: str, log_path: Path) -> Program:
+def start_predecessor_server(port: int, harness, database: str, log_path: Path, page: Path) -> Program:
     env = {**harness.env(), "CLICKHOUSE_DB": database}
-    return Program("predecessor", [str(Path(__file__).resolve()), "--serve-predecessor", str(port)], env, log_path)
+    return Program("predecessor", [str(Path(__file__).resolve()), "--serve-predecessor", str(port),
+                                   "--predecessor-page", str(page)], env, log_path)
 
 
 # ---- the producer ----------------------------------------------------------
@@ -371,13 +381,14 @@ async def wait_until(predicate, timeout: float) -> bool:
 
 # ---- the page --------------------------------------------------------------
 
-# Installed in the page once it is live. A second view on the viewer's own
+# Installed in the page once it is live. A second view on the viewers' own
 # table, newest rows first; on each update it reads the newest rows and notes,
 # for each batch timestamp not seen before, when the page had it ("data") and
-# when the viewer had drawn it (viewer.flush() and then one animation frame).
+# when every viewer had drawn it (each viewer's flush(), then one animation
+# frame).
 PAGE_PROBE = """async (maxRows) => {
-    const viewer = document.querySelector("perspective-viewer");
-    const table = await viewer.getTable();
+    const viewers = [...document.querySelectorAll("perspective-viewer")];
+    const table = await viewers[0].getTable();
     const view = await table.view({columns: ["timestamp"], sort: [["timestamp", "desc"]]});
     const probe = window.__freshness = {data: {}, drawn: {}, updates: 0, errors: []};
     window.__freshnessView = view;
@@ -391,7 +402,7 @@ PAGE_PROBE = """async (maxRows) => {
                 if (!(ts in probe.data)) { probe.data[ts] = now; fresh.push(ts); }
             }
             if (fresh.length) {
-                await viewer.flush();
+                await Promise.all(viewers.map((viewer) => viewer.flush()));
                 await new Promise((resolve) => requestAnimationFrame(() => resolve()));
                 const drawn = Date.now();
                 for (const ts of fresh) probe.drawn[ts] = drawn;
@@ -419,11 +430,19 @@ def chromium():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
-        chrome = pw.chromium.launch(executable_path=browser.CHROMIUM, headless=True, args=browser.CHROMIUM_ARGS)
+        # The old page is served by routing (Pages.open), and Chromium counts a
+        # routed document as a public page, which may not open a websocket to
+        # 127.0.0.1 unless local network access checks are off.
+        chrome = pw.chromium.launch(executable_path=browser.CHROMIUM, headless=True,
+                                    args=[*browser.CHROMIUM_ARGS, "--disable-features=LocalNetworkAccessChecks"])
         try:
             yield chrome
         finally:
             chrome.close()
+
+
+def serve_document(html: bytes, route, request=None) -> None:
+    route.fulfill(status=200, body=html, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
 class Pages:
@@ -437,13 +456,20 @@ class Pages:
         self.pages: dict[str, object] = {}
         self.routers: list = []
 
-    def open(self, urls: dict[str, str], probe_rows: int, throttle_ms: float | None = None) -> None:
-        """Loads every page at once, then installs the probe in each."""
+    def open(self, urls: dict[str, str], probe_rows: int, throttle_ms: float | None = None,
+             documents: dict[str, bytes] | None = None) -> None:
+        """Loads every page at once, then installs the probe in each.
+
+        `documents` replaces the HTML served at some of the URLs (the old page,
+        on the project server's origin so that its websocket is same-origin).
+        """
         consoles = {}
         for scheme, url in urls.items():
             context = self.chrome.new_context(viewport={"width": 1280, "height": 720})
             self.routers.append(self.browser.CdnRouter().install(context))
             page = self.pages[scheme] = context.new_page()
+            if documents and scheme in documents:
+                page.route(url, functools.partial(serve_document, documents[scheme]))
             consoles[scheme] = self.browser.ConsoleErrors(page)
             page.goto(url)
         for scheme, page in self.pages.items():
@@ -453,7 +479,8 @@ class Pages:
                 self.assert_ok()
                 raise RuntimeError(f"{urls[scheme]} never went live; console: {consoles[scheme].errors}") from None
             if throttle_ms is not None:
-                page.evaluate("(ms) => document.querySelector('perspective-viewer').setThrottle(ms)", throttle_ms)
+                page.evaluate("(ms) => document.querySelectorAll('perspective-viewer')"
+                              ".forEach((viewer) => viewer.setThrottle(ms))", throttle_ms)
             page.evaluate(PAGE_PROBE, probe_rows)
 
     def wait(self, seconds: float) -> None:
@@ -474,6 +501,15 @@ class Pages:
     def close(self) -> None:
         for page in self.pages.values():
             page.context.close()
+
+
+def read_old_page(ref: str) -> bytes | None:
+    """The page as it was at `ref` ("main:index.html"), or None (and a note) if git cannot show it."""
+    result = subprocess.run(["git", "show", ref], cwd=REPO, capture_output=True)
+    if result.returncode != 0:
+        print(f"note: no old page to compare (git show {ref}: {result.stderr.decode().strip()})", flush=True)
+        return None
+    return result.stdout
 
 
 # ---- figures ---------------------------------------------------------------
@@ -574,6 +610,7 @@ def run(args) -> dict:
     from servers import free_port
 
     schemes = [args.only] if args.only else list(SCHEMES)
+    old_page = read_old_page(args.old_page) if args.old_page else None
     database = f"freshness_{uuid.uuid4().hex[:8]}"
     info = machine()
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
@@ -589,12 +626,19 @@ def run(args) -> dict:
         warmup.insert_one()
         warmup.executor.shutdown()
         ports = {scheme: free_port() for scheme in schemes}
+        # The predecessor serves the one-grid page when git can show it: with
+        # the dashboard's five views its stock handler stopped answering here
+        # (0% CPU, no row delivered), while this project's server serves the
+        # dashboard. The polling schemes are compared on the Python hop.
+        predecessor_page = workdir / "predecessor.html"
+        predecessor_page.write_bytes(old_page or (REPO / "index.html").read_bytes())
         servers = {}
         for scheme in schemes:
             log_path = workdir / f"{scheme}.log"
             servers[scheme] = (start_project_server(ports[scheme], harness, database, log_path, args.server_interval)
                                if scheme == "project" else
-                               start_predecessor_server(ports[scheme], harness, database, log_path))
+                               start_predecessor_server(ports[scheme], harness, database, log_path,
+                                                        predecessor_page))
             stack.callback(servers[scheme].stop)
         pages = Pages(stack.enter_context(chromium())) if not args.no_browser else None  # while the servers start
         for scheme, server in servers.items():
@@ -605,8 +649,12 @@ def run(args) -> dict:
         if measure.error:
             raise measure.error
         if pages:
-            pages.open({scheme: f"http://127.0.0.1:{port}/" for scheme, port in ports.items()},
-                       args.probe_rows, args.page_throttle)
+            urls = {scheme: f"http://127.0.0.1:{port}/" for scheme, port in ports.items()}
+            documents = {}
+            if old_page is not None and "project" in ports and not args.smoke:
+                urls[OLD_PAGE] = f"http://127.0.0.1:{ports['project']}/?old-page"
+                documents[OLD_PAGE] = old_page
+            pages.open(urls, args.probe_rows, args.page_throttle, documents)
         meters = {scheme: CpuMeter(server.pid).start() for scheme, server in servers.items()}
         meters["chdb_http"] = CpuMeter(harness.proc.pid).start()
         measure.go.set()
@@ -617,11 +665,11 @@ def run(args) -> dict:
             if measure.feed and measure.feed.sent:
                 last = measure.feed.sent[-1].ts_ms
                 deadline = time.monotonic() + args.drain
-                while time.monotonic() < deadline and not all(pages.has_seen(s, last) for s in schemes):
+                while time.monotonic() < deadline and not all(pages.has_seen(s, last) for s in pages.pages):
                     pages.wait(0.1)
             while not measure.done.is_set():
                 pages.wait(0.2)
-            browser_results = {scheme: pages.result(scheme) for scheme in schemes}
+            browser_results = {scheme: pages.result(scheme) for scheme in pages.pages}
             pages.assert_ok()
             pages.close()
         measure.done.wait()
@@ -685,6 +733,11 @@ def summarize(args, schemes, measure, browser_results, meters, stored, info, log
                                                    if ts in data and ts in watcher.first_seen]
             steps["page data -> drawn (viewer render)"] = [drawn[ts] - data[ts] for ts in batches
                                                            if ts in data and ts in drawn]
+        old = browser_results.get(OLD_PAGE) if scheme == "project" else None
+        if old is not None:
+            entry["old_page_data"] = stats(lags_from({int(k): v for k, v in old["data"].items()}, batches, 1))
+            entry["old_page_drawn"] = stats(lags_from({int(k): v for k, v in old["drawn"].items()}, batches, 1))
+            entry["old_page_errors"] = old["errors"][:5]
         entry["steps_ms"] = {step: stats(values) for step, values in steps.items()}
         results["schemes"][scheme] = entry
     if "chdb_http" in meters:
@@ -702,7 +755,8 @@ def summary(results: dict) -> list[dict]:
     out = []
     for scheme, entry in results["schemes"].items():
         name = SCHEMES[scheme]
-        for key, label in (("python_client", "insert -> Python client"), ("page_drawn", "insert -> page drawn")):
+        for key, label in (("python_client", "insert -> Python client"), ("page_drawn", "insert -> page drawn"),
+                           ("old_page_drawn", "insert -> old one-grid page drawn")):
             figure = entry.get(key)
             if not figure or figure["p95_ms"] is None:
                 continue
@@ -738,7 +792,9 @@ def print_results(results: dict) -> None:
     rows = []
     hops = (("python_client", "1. insert -> Python client (ws)"),
             ("page_data", "2. insert -> page, data (on_update)"),
-            ("page_drawn", "2. insert -> page, drawn (flush+frame)"))
+            ("page_drawn", "2. insert -> page, drawn (flush+frame)"),
+            ("old_page_data", "2. insert -> old page, data"),
+            ("old_page_drawn", "2. insert -> old page, drawn"))
     for scheme, entry in results["schemes"].items():
         for i, (key, label) in enumerate(hops):
             if key not in entry:
@@ -773,10 +829,14 @@ def print_results(results: dict) -> None:
     for scheme, entry in results["schemes"].items():
         print(f"{SCHEMES[scheme]}: {entry['rows_delivered']:,} rows delivered to the Python client for "
               f"{entry['distinct_rows_sent']:,} sent ({entry['distinct_rows_delivered']:,} distinct)")
-        for key in ("python_errors", "page_errors"):
+        for key in ("python_errors", "page_errors", "old_page_errors"):
             if entry.get(key):
                 print(f"  {key}: {entry[key]}")
     project = results["schemes"].get("project", {}).get("page_drawn")
+    old = results["schemes"].get("project", {}).get("old_page_drawn")
+    if project and old and project["p95_ms"] is not None and old["p95_ms"]:
+        print(f"dashboard / old one-grid page, drawn: p50 {ms(project['p50_ms'])} / {ms(old['p50_ms'])} ms, "
+              f"p95 {ms(project['p95_ms'])} / {ms(old['p95_ms'])} ms ({project['p95_ms'] / old['p95_ms']:.2f}x)")
     if project and project["p95_ms"] is not None:
         margin = TARGET_BROWSER_P95_MS - project["p95_ms"]
         verdict = (f"met with {margin:,.0f} ms to spare" if margin >= 0
@@ -788,7 +848,7 @@ def print_results(results: dict) -> None:
 def check(results: dict) -> list[str]:
     problems = []
     for scheme, entry in results["schemes"].items():
-        for key in ("python_client", "page_data", "page_drawn"):
+        for key in ("python_client", "page_data", "page_drawn", "old_page_data", "old_page_drawn"):
             if key in entry and entry[key]["count"] == 0:
                 problems.append(f"{SCHEMES[scheme]}: {key} saw no batch")
     project = results["schemes"].get("project")
@@ -800,7 +860,7 @@ def check(results: dict) -> list[str]:
 
 # ---- the predecessor's server (a subprocess of the bench) ----------------
 
-def serve_predecessor(port: int, interval: float = 0.25) -> int:
+def serve_predecessor(port: int, page: Path, interval: float = 0.25) -> int:
     """The predecessor's scheme: poll the last second by `timestamp`, records into Perspective."""
     import clickhouse_connect
     import perspective
@@ -810,7 +870,7 @@ def serve_predecessor(port: int, interval: float = 0.25) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from sync_throughput import records_frame_to_json_safe  # the same conversion as its records path
 
-    index = (REPO / "index.html").read_bytes()
+    index = page.read_bytes()
 
     class Index(tornado.web.RequestHandler):
         def get(self):
@@ -878,11 +938,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="newest rows the page probe reads on each update (default 1000)")
     parser.add_argument("--page-throttle", type=float, metavar="MS",
                         help="diagnosis: viewer.setThrottle(MS) in the pages (default: the viewer's adaptive throttle)")
+    parser.add_argument("--old-page", default="main:index.html", metavar="GIT_REF:PATH",
+                        help="the page before the dashboard (git show GIT_REF:PATH; default main:index.html): "
+                             "measured on this project's server beside the dashboard (not with --smoke), and "
+                             "served by the predecessor's server ('' for neither)")
     parser.add_argument("--drain", type=float, default=10,
                         help="seconds to wait for the last batch after the inserts stop (default 10)")
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: --seconds 8 --warmup 0")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     parser.add_argument("--serve-predecessor", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--predecessor-page", default=str(REPO / "index.html"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
         args.seconds, args.warmup, args.drain = 8, 0, 5
@@ -896,7 +961,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.serve_predecessor:
-        return serve_predecessor(args.serve_predecessor)
+        return serve_predecessor(args.serve_predecessor, Path(args.predecessor_page))
     started = time.monotonic()
     results = run(args)
     results["wall_s"] = time.monotonic() - started

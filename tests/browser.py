@@ -10,7 +10,8 @@ Not a test module: tests/test_browser.py imports it.
   with ``npm ci --prefix tests``) and aborts every other non-local request, so
   the test sees exactly the assets index.html names, at exactly their version.
 * ``ConsoleErrors`` gathers console errors and uncaught page errors.
-* The remaining functions read the viewer's state from the page.
+* The remaining functions read the viewers' state from the page, one
+  viewer at a time, by its view name.
 """
 
 from __future__ import annotations
@@ -195,6 +196,26 @@ class ConsoleErrors:
 
 
 # --- reading the page -------------------------------------------------------
+#
+# index.html shows several viewers, each tagged with its view name
+# (`<perspective-viewer data-view="candles">`). Functions that read one viewer
+# take that name; without one they read the first viewer on the page, which
+# is all a page of a single viewer has.
+
+DASHBOARD_VIEWS = ("candles", "lines", "pivot", "blotter")  # index.html's DASHBOARD, in page order
+
+# Finds a viewer in the page: `viewer(name)` is the one tagged `name`, or the
+# first viewer when `name` is null. Prepended to the scripts below.
+_FIND_VIEWER = """
+const viewer = (name) => document.querySelector(
+    name ? `perspective-viewer[data-view="${name}"]` : "perspective-viewer");
+"""
+
+
+def _evaluate(page, body: str, arg=None):
+    """Runs `async (arg) => { <_FIND_VIEWER> <body> }` in the page."""
+    return page.evaluate(f"async (arg) => {{ {_FIND_VIEWER} {body} }}", arg)
+
 
 def status(page) -> tuple[str, str]:
     """The connection badge as (text, data-state)."""
@@ -214,15 +235,15 @@ def wait_for_status(page, state: str, timeout_ms: int = 30_000):
     )
 
 
-def row_count(page) -> int:
-    """Rows in the table loaded into the viewer (the server-side table's size)."""
+def view_names(page) -> list[str]:
+    """The views on the page, in page order."""
     return page.evaluate(
-        """async () => {
-            const viewer = document.querySelector("perspective-viewer");
-            const table = await viewer.getTable();
-            return await table.size();
-        }"""
-    )
+        "() => [...document.querySelectorAll('perspective-viewer')].map((v) => v.dataset.view)")
+
+
+def row_count(page) -> int:
+    """Rows in the table loaded into the viewers (the server-side table's size)."""
+    return _evaluate(page, "return await (await viewer(null).getTable()).size();")
 
 
 def wait_for_row_count_above(page, floor: int, timeout_s: float = 15.0, poll_ms: int = 250) -> int:
@@ -235,51 +256,63 @@ def wait_for_row_count_above(page, floor: int, timeout_s: float = 15.0, poll_ms:
     return count
 
 
-def viewer_config(page) -> dict:
-    return page.evaluate("async () => await document.querySelector('perspective-viewer').save()")
+def viewer_config(page, view: str | None = None) -> dict:
+    return _evaluate(page, "return await viewer(arg).save();", view)
 
 
-def restore(page, config: dict):
+def restore(page, config: dict, view: str | None = None):
     """``viewer.restore(config)`` and wait until the viewer has rendered it."""
-    page.evaluate(
-        """async (config) => {
-            const viewer = document.querySelector("perspective-viewer");
-            await viewer.restore(config);
-            await viewer.flush();
-        }""",
-        config,
-    )
+    _evaluate(page, "const v = viewer(arg.view); await v.restore(arg.config); await v.flush();",
+              {"view": view, "config": config})
 
 
-def datagrid_cell_count(page) -> int:
+def view_columns(page, view: str | None = None, window: dict | None = None) -> dict:
+    """``to_columns()`` of the view a viewer is drawing (what its plugin reads)."""
+    return _evaluate(page, "return await (await viewer(arg.view).getView()).to_columns(arg.window);",
+                     {"view": view, "window": window or {}})
+
+
+def expression_schema(page, view: str | None = None) -> dict:
+    """Types of a viewer's expression columns, as the server computed them."""
+    return _evaluate(page, "return await (await viewer(arg).getView()).expression_schema();", view)
+
+
+def datagrid_cell_count(page, view: str | None = None) -> int:
     """Body cells the datagrid plugin has drawn (its <regular-table> <td>s)."""
+    return datagrid_cells(page, view).count()
+
+
+def datagrid_cells(page, view: str | None = None):
     # Playwright's CSS engine pierces open shadow roots.
-    return page.locator("perspective-viewer-datagrid regular-table tbody td").count()
+    scope = f'perspective-viewer[data-view="{view}"] ' if view else ""
+    return page.locator(f"{scope}perspective-viewer-datagrid regular-table tbody td")
 
 
-def switch_plugin(page, plugin: str):
-    """Switch the viewer to ``plugin`` (e.g. "Y Bar", "X/Y Line", "Datagrid")."""
-    restore(page, {"plugin": plugin})
+def switch_plugin(page, plugin: str, view: str | None = None):
+    """Switch a viewer to ``plugin`` (e.g. "Y Bar", "X/Y Line", "Datagrid")."""
+    restore(page, {"plugin": plugin}, view)
 
 
-def chart_drawn(page) -> dict:
-    """What the visible d3fc plugin element drew inside its shadow root.
+def chart_drawn(page, view: str | None = None) -> dict:
+    """What a viewer's visible d3fc plugin element drew inside its shadow root.
 
-    Returns the plugin element's tag and counts of drawn SVG shapes and of
-    non-empty canvases, so the caller can assert on "something was drawn".
+    Returns the plugin element's tag, counts of drawn SVG shapes and of
+    non-empty canvases (so the caller can assert on "something was drawn"),
+    and the x axis' tick labels.
     """
-    return page.evaluate(
-        """() => {
-            const viewer = document.querySelector("perspective-viewer");
-            const el = [...viewer.children].find(
-                (c) => c.tagName.toLowerCase().startsWith("perspective-viewer-d3fc-")
-                    && c.offsetParent !== null);
-            if (!el) return {plugin: null, shapes: 0, canvases: 0};
-            const root = el.shadowRoot || el;
-            const shapes = root.querySelectorAll(
-                "svg path, svg rect, svg line, svg circle").length;
-            const canvases = [...root.querySelectorAll("canvas")]
-                .filter((c) => c.width > 0 && c.height > 0).length;
-            return {plugin: el.tagName.toLowerCase(), shapes, canvases};
-        }"""
+    return _evaluate(
+        page,
+        """const el = [...viewer(arg).children].find(
+               (c) => c.tagName.toLowerCase().startsWith("perspective-viewer-d3fc-")
+                   && c.offsetParent !== null);
+           if (!el) return {plugin: null, shapes: 0, canvases: 0, x_ticks: []};
+           const root = el.shadowRoot || el;
+           const shapes = root.querySelectorAll(
+               "svg path, svg rect, svg line, svg circle").length;
+           const canvases = [...root.querySelectorAll("canvas")]
+               .filter((c) => c.width > 0 && c.height > 0).length;
+           const x_ticks = [...root.querySelectorAll(".x-axis .tick text")]
+               .map((t) => t.textContent.trim()).filter((t) => t);
+           return {plugin: el.tagName.toLowerCase(), shapes, canvases, x_ticks};""",
+        view,
     )

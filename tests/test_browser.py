@@ -3,32 +3,46 @@
 Starts ``perspective_server.py --embedded`` (chDB and the producer inside the
 server process), opens index.html in Debian's Chromium with the CDN assets
 served from ``tests/node_modules`` (``npm ci --prefix tests``), and checks
-what a person would: the badge says live, the grid fills and keeps growing,
-a chart draws, nothing is logged as an error, and a restarted server is
-picked up again without a reload. It saves screenshots of the grid and a
-chart; with UPDATE_SCREENSHOTS=1 it writes them over the README's, in docs/.
+what a person would: the badge says live; every view of the dashboard draws
+(candles and price lines on a time axis, the pivot grid, the blotter) and
+keeps moving; a changed view survives a reload until "reset layout"; a table
+of your own gets a plain grid; nothing is logged as an error; and a
+restarted server is picked up again without a reload. It saves screenshots
+of the dashboard and of a chart; with UPDATE_SCREENSHOTS=1 it writes them
+over the README's, in docs/ (after letting 25 s of trades accumulate, so the
+charts look like a market).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 import browser
+import chdb_http
+from servers import STARTUP_TIMEOUT_S, Program, free_port
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS") == "1"
 
-# The preset grid in index.html, switched to a chart and back in the test.
-CHART_PLUGIN = "Y Bar"
+CHARTS = {"candles": "perspective-viewer-d3fc-candlestick", "lines": "perspective-viewer-d3fc-yline"}
+
+# d3's time axis labels each tick with the coarsest unit that changes there:
+# ".500" (ms), ":05" (seconds), "11:02" or "11 PM" (minutes, hours), "Sun 29",
+# "Nov 29", "November", "2026". A category axis of the same datetimes would
+# print whole dates ("11/29/2026, 11:02:05.000 PM").
+TIME_TICK = re.compile(r"\.\d{3}|:\d\d|\d{1,2}:\d\d( ?[AP]M)?|\d{1,2} ?[AP]M|[A-Z][a-z]{2} \d{1,2}|[A-Z][a-z]+|\d{4}")
 
 
 @pytest.fixture
 def browser_context():
-    # Wide enough for the preset's four client groups beside the settings panel.
-    with browser.launch_chromium(viewport=(1480, 760)) as context:
+    # Wide enough for two views side by side, each with four client groups.
+    with browser.launch_chromium(viewport=(1480, 860)) as context:
         yield context
 
 
@@ -49,67 +63,188 @@ def wait_live(page, router, console, timeout_ms: int = 30_000):
         pytest.fail(f"page never went live (status {browser.status(page)}); console: {console.errors}")
 
 
-def wait_for_chart(page, timeout_s: float = 10.0) -> dict:
+def wait_for_chart(page, view: str, timeout_s: float = 20.0) -> dict:
     deadline = time.monotonic() + timeout_s
-    drawn = browser.chart_drawn(page)
-    while not (drawn["shapes"] or drawn["canvases"]) and time.monotonic() < deadline:
+    drawn = browser.chart_drawn(page, view)
+    while not ((drawn["shapes"] or drawn["canvases"]) and drawn["x_ticks"]) and time.monotonic() < deadline:
         page.wait_for_timeout(200)
-        drawn = browser.chart_drawn(page)
+        drawn = browser.chart_drawn(page, view)
     return drawn
 
 
-def assert_grid_has_cells(page):
-    page.locator("perspective-viewer-datagrid regular-table tbody td").first.wait_for(timeout=10_000)
-    cells = page.locator("perspective-viewer-datagrid regular-table tbody td")
+def assert_grid_has_cells(page, view: str | None = None):
+    cells = browser.datagrid_cells(page, view)
+    cells.first.wait_for(timeout=10_000)
     assert cells.count() > 0
-    assert any(text.strip() for text in cells.all_inner_texts()), "grid cells are all empty"
+    assert any(text.strip() for text in cells.all_inner_texts()), f"{view} grid cells are all empty"
+
+
+def newest_bucket(page, view: str) -> int:
+    """The latest time bucket a chart view has (ms since the epoch)."""
+    paths = browser.view_columns(page, view)["__ROW_PATH__"]
+    return max(path[0] for path in paths if path)
+
+
+def wait_for_newer_bucket(page, view: str, than: int, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    newest = newest_bucket(page, view)
+    while newest <= than and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+        newest = newest_bucket(page, view)
+    return newest
+
+
+def newest_timestamp_in_table(page) -> int:
+    return page.evaluate(
+        """async () => {
+            const table = await document.querySelector("perspective-viewer").getTable();
+            const view = await table.view({columns: ["timestamp"], sort: [["timestamp", "desc"]]});
+            const columns = await view.to_columns({start_row: 0, end_row: 1});
+            await view.delete();
+            return columns.timestamp[0];
+        }""")
+
+
+def wait_for_page(url: str, server: Program):
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"perspective_server.py never served {url}:\n{server.log()}")
 
 
 @pytest.fixture
 def screenshots(tmp_path) -> Path:
-    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+    if UPDATE_SCREENSHOTS:
         DOCS.mkdir(exist_ok=True)
         return DOCS
     return tmp_path
 
 
-def test_live_grid_and_chart(start_server, browser_context, screenshots):
+def test_every_view_of_the_dashboard_is_live(start_server, browser_context, screenshots):
     server = start_server()
     page, router, console = open_page(browser_context, server.url)
 
     wait_live(page, router, console)
     assert browser.status(page) == ("live", "live")
+    assert browser.view_names(page) == list(browser.DASHBOARD_VIEWS)
+    assert browser.row_count(page) > 0
 
-    # The preset: pivoted by ticker and client, on the datagrid.
-    preset = browser.viewer_config(page)
-    assert preset["plugin"] == "Datagrid"
-    assert preset["group_by"] == ["ticker"] and preset["split_by"] == ["client"]
-    assert "id" not in preset["columns"] and "inserted_at" not in preset["columns"]
+    # Both charts draw marks, over a time axis: each groups by one datetime
+    # expression (a category axis would need several, or a non-date one).
+    for view, plugin in CHARTS.items():
+        drawn = wait_for_chart(page, view)
+        assert drawn["plugin"] == plugin, drawn
+        assert drawn["shapes"] or drawn["canvases"], f"{view} drew nothing: {drawn}"
+        config = browser.viewer_config(page, view)
+        assert len(config["group_by"]) == 1
+        assert browser.expression_schema(page, view)[config["group_by"][0]] == "datetime"
+        ticks = drawn["x_ticks"]
+        assert ticks and all(TIME_TICK.fullmatch(tick) for tick in ticks), ticks
+        assert any(":" in tick for tick in ticks), ticks  # a minute of data has second or minute ticks
+    assert browser.viewer_config(page, "candles")["filter"] == [["ticker", "==", "AAPL"]]
+    assert browser.viewer_config(page, "lines")["split_by"] == ["ticker"]
 
-    first = browser.row_count(page)
-    assert first > 0
-    assert_grid_has_cells(page)
+    # The pivot grid: ticker rows, client columns, and only totals that add up.
+    pivot = browser.viewer_config(page, "pivot")
+    assert pivot["group_by"] == ["ticker"] and pivot["split_by"] == ["client"]
+    assert set(pivot["aggregates"].values()) <= {"count", "sum"}, pivot["aggregates"]
+    assert_grid_has_cells(page, "pivot")
+    assert "id" not in pivot["columns"] and "inserted_at" not in pivot["columns"]
 
-    # The producer inserts every 500 ms; the server tails those rows in.
-    grown = browser.wait_for_row_count_above(page, first, timeout_s=15)
-    assert grown > first, f"row count stayed at {first} for 15 s:\n{server.log()}"
+    # The blotter: newest trade first, at least as new as the table's newest
+    # trade a moment ago.
+    assert_grid_has_cells(page, "blotter")
+    newest_before = newest_timestamp_in_table(page)
+    blotter = browser.view_columns(page, "blotter")["timestamp"]
+    assert blotter[0] == max(blotter) and blotter[0] >= newest_before
 
-    # A chart plugin draws: traded volume per ticker, stacked by client.
-    # Flat rollup is what d3fc charts ask for; passing it avoids viewer 4.3.0
-    # logging its own switch to flat as a console.error.
-    browser.restore(page, {"plugin": CHART_PLUGIN, "columns": ["volume"], "group_rollup_mode": "flat"})
-    drawn = wait_for_chart(page)
-    assert drawn["plugin"] == "perspective-viewer-d3fc-ybar", drawn
-    assert drawn["shapes"] or drawn["canvases"], f"{CHART_PLUGIN} drew nothing: {drawn}"
-    page.screenshot(path=screenshots / "screenshot-chart.png")
+    # The producer inserts every 500 ms: the charts' newest bucket moves on.
+    for view in CHARTS:
+        first = newest_bucket(page, view)
+        assert wait_for_newer_bucket(page, view, first) > first, f"{view} stuck at {first}:\n{server.log()}"
 
-    # Back to the preset grid: the README's screenshot.
-    browser.restore(page, preset)
-    assert_grid_has_cells(page)
+    if UPDATE_SCREENSHOTS:
+        page.wait_for_timeout(25_000)  # enough candles to look like a market
+        for view in CHARTS:
+            wait_for_chart(page, view)
+    page.locator('perspective-viewer[data-view="candles"]').screenshot(path=screenshots / "screenshot-chart.png")
     page.screenshot(path=screenshots / "screenshot.png")
 
     router.assert_ok()
     assert console.errors == []
+
+
+def test_a_changed_view_survives_a_reload_until_reset(start_server, browser_context):
+    server = start_server()
+    page, router, console = open_page(browser_context, server.url)
+    wait_live(page, router, console)
+    # Nothing is remembered until the user changes something.
+    assert page.evaluate("() => localStorage.length") == 0
+
+    browser.restore(page, {"filter": [["ticker", "==", "MSFT"]], "title": "MSFT, 1 s candles"}, "candles")
+    browser.restore(page, {"group_by": ["client"], "split_by": []}, "pivot")
+
+    page.reload()
+    wait_live(page, router, console)
+    candles = browser.viewer_config(page, "candles")
+    assert candles["filter"] == [["ticker", "==", "MSFT"]] and candles["title"] == "MSFT, 1 s candles"
+    assert candles["plugin"] == "Candlestick"
+    pivot = browser.viewer_config(page, "pivot")
+    assert pivot["group_by"] == ["client"] and pivot["split_by"] == []
+    assert browser.viewer_config(page, "lines")["split_by"] == ["ticker"]  # untouched: the default
+
+    with page.expect_navigation():
+        page.click("#reset-layout")
+    wait_live(page, router, console)
+    assert browser.viewer_config(page, "candles")["filter"] == [["ticker", "==", "AAPL"]]
+    pivot = browser.viewer_config(page, "pivot")
+    assert pivot["group_by"] == ["ticker"] and pivot["split_by"] == ["client"]
+    assert page.evaluate("() => localStorage.length") == 0
+
+    router.assert_ok()
+    assert console.errors == []
+
+
+def test_a_table_of_your_own_gets_a_plain_grid(browser_context, tmp_path):
+    """--table with a table that is not the demo's: one grid of all its columns."""
+    with chdb_http.running(tmp_path / "chdb-data") as harness:
+        admin = harness.client(autogenerate_session_id=False)
+        admin.command("CREATE DATABASE own")
+        admin.command("""
+            CREATE TABLE own.my_trades (
+                inserted_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC'),
+                trade_id    UInt64,
+                symbol      String,
+                price       Float64
+            ) ENGINE = MergeTree ORDER BY inserted_at""")
+        admin.command("INSERT INTO own.my_trades (trade_id, symbol, price) "
+                      "SELECT number, 'ACME', 100 + number FROM numbers(50)")
+        admin.close()
+        port = free_port()
+        server = Program("perspective_server.py",
+                         ["--port", str(port), "--table", "my_trades", "--key", "trade_id"],
+                         {**harness.env(), "CLICKHOUSE_DB": "own"}, tmp_path / "server.log")
+        try:
+            wait_for_page(f"http://127.0.0.1:{port}/", server)
+            page, router, console = open_page(browser_context, f"http://127.0.0.1:{port}/")
+            wait_live(page, router, console)
+            assert browser.view_names(page) == ["table"]
+            config = browser.viewer_config(page)
+            assert config["plugin"] == "Datagrid" and config["title"] == "my_trades"
+            assert config["group_by"] == [] and config["split_by"] == []
+            assert {"symbol", "price"} <= set(config["columns"])  # the key column stays on the server
+            assert browser.row_count(page) == 50
+            assert_grid_has_cells(page)
+            router.assert_ok()
+            assert console.errors == []
+            assert server.interrupt(30) == 0, server.log()
+        finally:
+            server.kill()
 
 
 def test_reconnects_after_server_restart(start_server, browser_context):
@@ -117,8 +252,9 @@ def test_reconnects_after_server_restart(start_server, browser_context):
     page, router, console = open_page(browser_context, server.url)
     wait_live(page, router, console)
 
-    # A user's own pivot, which must survive the restart.
-    browser.restore(page, {"group_by": ["client"], "split_by": []})
+    # The user's own changes, which must survive the restart.
+    browser.restore(page, {"group_by": ["client"], "split_by": []}, "pivot")
+    browser.restore(page, {"filter": [["ticker", "==", "NVDA"]]}, "candles")
 
     assert server.stop() == 0, server.log()
     browser.wait_for_status(page, "reconnecting", timeout_ms=10_000)
@@ -130,11 +266,19 @@ def test_reconnects_after_server_restart(start_server, browser_context):
     wait_live(page, router, console, timeout_ms=5_000)
     print(f"\npage live again {time.monotonic() - back:.2f} s after the restarted server answered")
 
-    config = browser.viewer_config(page)
-    assert config["group_by"] == ["client"] and config["split_by"] == []
-    assert config["aggregates"]["close"] == "last"
+    # Every view is back on the new server's table, with the user's configs.
+    pivot = browser.viewer_config(page, "pivot")
+    assert pivot["group_by"] == ["client"] and pivot["split_by"] == []
+    assert pivot["aggregates"] == {"trades": "count", "volume": "sum"}
+    assert browser.viewer_config(page, "candles")["filter"] == [["ticker", "==", "NVDA"]]
+    assert browser.viewer_config(page, "lines")["split_by"] == ["ticker"]
     assert browser.row_count(page) > 0
-    assert_grid_has_cells(page)
+    for view in ("pivot", "blotter"):
+        assert_grid_has_cells(page, view)
+    for view in CHARTS:
+        drawn = wait_for_chart(page, view)
+        assert drawn["shapes"] or drawn["canvases"], f"{view} drew nothing after the restart: {drawn}"
+        assert browser.view_columns(page, view)["__ROW_PATH__"], f"{view} has no rows after the restart"
 
     router.assert_ok()
     # While the server is down each retry logs a refused connection; that is
@@ -189,7 +333,8 @@ def test_the_page_cannot_change_the_data(start_server, browser_context):
 
 def test_sort_filter_and_expressions_pass_the_read_only_gate(start_server, browser_context):
     """The gate checks every view request field by field; the viewer's
-    everyday features must still get through."""
+    everyday features, and the dashboard's own time buckets, must still get
+    through."""
     server = start_server()
     page, router, console = open_page(browser_context, server.url)
     wait_live(page, router, console)
@@ -201,9 +346,9 @@ def test_sort_filter_and_expressions_pass_the_read_only_gate(start_server, brows
         "aggregates": {"close": "last", "spread": "avg"},
         "sort": [["close", "desc"]],
         "filter": [["ticker", "in", ["AAPL", "MSFT", "NVDA"]], ["volume", ">", 10]],
-    })
-    assert_grid_has_cells(page)
-    config = browser.viewer_config(page)
+    }, "pivot")
+    assert_grid_has_cells(page, "pivot")
+    config = browser.viewer_config(page, "pivot")
     assert config["expressions"] == {"spread": '"high" - "low"'}
     assert config["sort"] == [["close", "desc"]]
     tickers = page.evaluate(

@@ -47,3 +47,11 @@ def readme_test_command() -> str:
 
 def test_ci_runs_the_readme_test_command():
     assert readme_test_command() in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_browser_tests_install_every_package_the_page_loads():
+    """The browser test serves index.html's CDN URLs from tests/node_modules."""
+    loaded = set(re.findall(r"https://cdn\.jsdelivr\.net/npm/(@perspective-dev/[a-z0-9-]+)@",
+                            (ROOT / "index.html").read_text()))
+    installed = set(json.loads((ROOT / "tests" / "package.json").read_text()).get("devDependencies", {}))
+    assert loaded <= installed, f"add to tests/package.json: {sorted(loaded - installed)}"
