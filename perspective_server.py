@@ -141,7 +141,6 @@ def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
         # Pings find viewers that vanished without closing (a laptop lid, a
         # dropped network), so their connection slots and views are freed.
         websocket_ping_interval=20,
-        websocket_ping_timeout=60,
     )
 
 
