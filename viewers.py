@@ -50,8 +50,8 @@ log = logging.getLogger("server")
 class ViewerLimits:
     """What one viewer may use. The defaults fit the dashboard (a few views
     of a 10,000-row table) with room to spare; see README, Reliability and security."""
-    connections: int = 200               # open websockets, all addresses together
-    connections_per_address: int = 20    # open websockets from one IP address
+    connections: int = 100               # open websockets, all addresses together
+    connections_per_address: int = 8     # open websockets from one IP address (browser tabs)
     views: int = 16                      # live views per connection
     subscriptions: int = 4               # on_update subscriptions per view
     in_flight: int = 64                  # requests queued for Perspective per connection
