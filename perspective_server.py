@@ -51,7 +51,8 @@ import tornado.web
 import connection
 import producer
 from tailer import CURSOR, SchemaError, TableNotFound, Tail
-from viewers import ViewerHandler, Viewers
+import viewers
+from viewers import ViewerHandler, ViewerLimits, Viewers
 
 log = logging.getLogger("server")
 
@@ -71,6 +72,7 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     table_wait: float = 0.0
     show_key: bool = False
+    limits: ViewerLimits = ViewerLimits()
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -99,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                              "drop re-read rows, because Perspective keeps every distinct string it has "
                              "seen, so a unique id column grows its memory without bound")
     connection.add_arguments(parser, embedded=True)
+    viewers.add_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port {args.port} is not a TCP port (1-65535)")
@@ -116,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error(str(error))
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
-                              args.table_wait, args.show_key)
+                              args.table_wait, args.show_key, viewers.limits_from_args(args, parser))
     return settings, ch
 
 
@@ -128,15 +131,18 @@ class IndexHandler(tornado.web.RequestHandler):
 
 
 def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
-             allowed_origins=()) -> tornado.web.Application:
+             allowed_origins=(), limits: ViewerLimits = ViewerLimits()) -> tornado.web.Application:
     """The page at / and Perspective's websocket at /websocket, for `tables`."""
     return tornado.web.Application([
         (r"/", IndexHandler),
         (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, "tables": tuple(tables),
-                                        "allowed_origins": frozenset(allowed_origins)}),
+                                        "allowed_origins": frozenset(allowed_origins), "limits": limits}),
     ],
         # A viewer's requests are a few hundred bytes; nothing needs more.
         websocket_max_message_size=1 << 20,
+        # Pings find viewers that vanished without closing (a laptop lid, a
+        # dropped network), so their connection slots and views are freed.
+        websocket_ping_interval=20,
     )
 
 
@@ -334,7 +340,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
                  settings.table, connection.TABLE)
 
     perspective_server = perspective.Server()
-    app = make_app(perspective_server, [settings.table], settings.allowed_origins)
+    app = make_app(perspective_server, [settings.table], settings.allowed_origins, settings.limits)
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:

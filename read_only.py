@@ -17,10 +17,24 @@ sends, which the fuzz test found: a malformed view config, or two views
 made under one message id. So every request must match the message layout
 below field by field, may only name hosted tables and views its own
 connection created, and each view creation needs a message id of its own.
+
+Looking can still cost the server a lot, so the gate also bounds what one
+connection may ask for (the limits are ViewerLimits in viewers.py):
+
+* expressions: a view may compute columns with ExprTK, a language with
+  loops and assignment; one `while` loop stalls every viewer for good. So
+  an expression must parse as a small arithmetic language (column names,
+  numbers, strings, + - * / and parentheses, and a short list of functions
+  such as bucket()), which costs a bounded amount per row;
+* views per connection and update subscriptions per view;
+* reads: a read asks for a viewport (rows and columns); one without an end,
+  or a larger one, is cut to at most `max_read_cells` cells, so a viewer
+  gets the first pages of a huge view, never the whole of it at once.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 # Message layouts, from perspective.proto: field number -> kind, where a
@@ -83,7 +97,17 @@ VIEWER_REQUESTS = {
 _ABOUT_SERVER = {3, 4, 17, 37}
 _ABOUT_TABLE = {5, 6, 7, 8, 9, 29, 30}
 _MAKE_VIEW = 6
+_VALIDATE_EXPRESSIONS = 9
+_VIEW_DELETE = 11
+_ON_UPDATE = 21
+_REMOVE_ON_UPDATE = 22
+# Reads whose field 1 is a viewport (to_arrow, to_columns, to_csv, to_rows, to_ndjson).
+_READS = {16, 24, 25, 26, 36}
+_EXPRESSIONS = 6  # field of the view config (a map: name -> expression)
 _MAX_DEPTH = 8
+
+
+READ_ONLY = "this dashboard is read-only"
 
 
 class MalformedRequest(ValueError):
@@ -184,43 +208,265 @@ def is_allowed(data: bytes) -> bool:
     return True
 
 
+# --- Expressions -----------------------------------------------------------
+#
+# Perspective evaluates expressions with ExprTK, which has variables,
+# assignment, loops and string functions. A dashboard needs arithmetic on
+# columns and time buckets, so instead of listing what to forbid, this
+# parser accepts only a small language and refuses everything else:
+#
+#     expression := term (("+" | "-") term)*
+#     term       := factor (("*" | "/") factor)*
+#     factor     := ("+" | "-") factor | number | 'string' | "column"
+#                 | "(" expression ")" | function "(" arguments ")"
+#
+# Every construct costs a bounded amount per row, so a view's expressions
+# cost at most (rows x length) steps.
+
+# function name -> how many arguments it takes
+FUNCTIONS = {
+    "bucket": 2, "abs": 1, "floor": 1, "ceil": 1, "min": 2, "max": 2,
+    "hour_of_day": 1, "day_of_week": 1, "month_of_year": 1,
+}
+_TIME_UNIT = re.compile(r"'\d*[smhDWMY]'")
+_TOKEN = re.compile(r"""
+    (?P<space>\s+|//[^\n]*)
+  | (?P<column>"(?:[^"\\\n]|\\.)*")
+  | (?P<string>'(?:[^'\\\n]|\\.)*')
+  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
+  | (?P<symbol>[-+*/(),])
+""", re.VERBOSE)
+_MAX_NESTING = 16
+
+
+class RefusedExpression(ValueError):
+    pass
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    tokens, at = [], 0
+    while at < len(text):
+        match = _TOKEN.match(text, at)
+        if match is None:
+            raise RefusedExpression(f"{text[at:at + 10]!r} is not allowed in an expression")
+        if match.lastgroup != "space":
+            tokens.append((match.lastgroup, match.group()))
+        at = match.end()
+    return tokens
+
+
+class _Parser:
+    """Recursive descent over the grammar above; raises RefusedExpression."""
+
+    def __init__(self, tokens: list[tuple[str, str]]):
+        self.tokens, self.at, self.depth = tokens, 0, 0
+
+    def peek(self) -> tuple[str, str]:
+        return self.tokens[self.at] if self.at < len(self.tokens) else ("end", "")
+
+    def take(self, text: str) -> None:
+        if self.peek()[1] != text:
+            raise RefusedExpression(f"expected {text!r}, found {self.peek()[1] or 'the end'!r}")
+        self.at += 1
+
+    def nested(self, rule) -> None:
+        # Parentheses and signs nest; a bound keeps Python's stack safe.
+        self.depth += 1
+        if self.depth > _MAX_NESTING:
+            raise RefusedExpression("expression nested too deeply")
+        rule()
+        self.depth -= 1
+
+    def expression(self) -> None:
+        self.term()
+        while self.peek()[1] in ("+", "-"):
+            self.at += 1
+            self.term()
+
+    def term(self) -> None:
+        self.factor()
+        while self.peek()[1] in ("*", "/"):
+            self.at += 1
+            self.factor()
+
+    def factor(self) -> None:
+        kind, text = self.peek()
+        self.at += 1
+        if text in ("+", "-"):
+            self.nested(self.factor)
+        elif kind in ("number", "string", "column"):
+            return
+        elif text == "(":
+            self.nested(self.expression)
+            self.take(")")
+        elif kind == "name":
+            self.call(text)
+        else:
+            raise RefusedExpression(f"unexpected {text or 'end of expression'!r}")
+
+    def call(self, name: str) -> None:
+        if name not in FUNCTIONS:
+            raise RefusedExpression(f"{name} is not an allowed function ({', '.join(FUNCTIONS)})")
+        self.take("(")
+        arguments = [self.at]
+        self.nested(self.expression)
+        while self.peek()[1] == ",":
+            self.at += 1
+            arguments.append(self.at)
+            self.nested(self.expression)
+        self.take(")")
+        if len(arguments) != FUNCTIONS[name]:
+            raise RefusedExpression(f"{name}() takes {FUNCTIONS[name]} argument(s)")
+        if name == "bucket":
+            kind, unit = self.tokens[arguments[1]]
+            if kind == "string" and not _TIME_UNIT.fullmatch(unit):
+                raise RefusedExpression(f"bucket() unit {unit} is not a count and one of s m h D W M Y")
+
+
+def check_expression(text: str, max_length: int) -> None:
+    """Raises RefusedExpression unless `text` is in the small language above."""
+    if len(text) > max_length:
+        raise RefusedExpression(f"expression longer than {max_length} characters")
+    parser = _Parser(_tokens(text))
+    parser.expression()
+    if parser.at != len(parser.tokens):
+        raise RefusedExpression(f"unexpected {parser.peek()[1]!r}")
+
+
+def expressions_in(kind: int, body: bytes) -> list[str]:
+    """The expressions a make_view or validate_expr request carries."""
+    if kind == _MAKE_VIEW:
+        config = next((value for number, _, value in _fields(body) if number == 2), b"")
+        entries = [value for number, _, value in _fields(config) if number == _EXPRESSIONS]
+    elif kind == _VALIDATE_EXPRESSIONS:
+        entries = [value for number, _, value in _fields(body) if number == 1]
+    else:
+        return []
+    return [next((v.decode() for n, _, v in _fields(entry) if n == 2), "") for entry in entries]
+
+
+# --- Read sizes ---------------------------------------------------------------
+
+def clamp_viewport(viewport: dict[int, int], columns: int, max_cells: int) -> dict[int, int]:
+    """The viewport a read may have: at most `max_cells` cells.
+
+    Fields are ViewPort's: 1 start_row, 2 start_col, 3 end_row, 4 end_col,
+    each optional (no end means "to the end of the view"). `columns` is how
+    many columns the view has, as far as the handler knows; a read without an
+    end column is charged for all of them.
+    """
+    start_row, start_col = viewport.get(1, 0), viewport.get(2, 0)
+    end_col = viewport.get(4, start_col + columns)
+    width = max(1, end_col - start_col)
+    rows = max(1, max_cells // width)
+    if width * rows > max_cells:  # even one row is too wide: cut the columns
+        width, rows = max_cells, 1
+    end_row = min(viewport.get(3, start_row + rows), start_row + rows)
+    return {1: start_row, 2: start_col, 3: end_row, 4: start_col + width}
+
+
+def _encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
+    out = bytearray()
+    for number, wire_type, value in fields:
+        out += _encode_varint(number << 3 | wire_type)
+        out += _encode_varint(value) if wire_type == 0 else _encode_varint(len(value)) + value
+    return bytes(out)
+
+
+def clamp_read(data: bytes, columns: int, max_cells: int) -> bytes:
+    """`data` (a well-formed read request) with its viewport clamped."""
+    request = list(_fields(data))
+    for i, (number, wire_type, body) in enumerate(request):
+        if number in _READS:
+            fields = list(_fields(body))
+            viewport = next((dict((n, v) for n, _, v in _fields(value)) for n, _, value in fields if n == 1), {})
+            clamped = _encode_message([(n, 0, v) for n, v in sorted(clamp_viewport(viewport, columns, max_cells).items())])
+            fields = [(1, 2, clamped)] + [field for field in fields if field[0] != 1]
+            request[i] = (number, wire_type, _encode_message(fields))
+    return _encode_message(request)
+
+
+# --- The gate -----------------------------------------------------------------
+
 class ViewerGate:
     """The per-connection check: well-formed read requests, about hosted
-    tables and about views this connection created."""
+    tables and about views this connection created, within the limits."""
 
-    def __init__(self, tables):
+    def __init__(self, tables, max_views: int = 1 << 30, max_subscriptions: int = 1 << 30,
+                 max_expression_length: int = 1000, check_expressions: bool = True,
+                 max_read_cells: int = 1 << 62):
         self.tables = {name.encode() for name in tables}
         self.views: set[bytes] = set()
         self._view_messages: set[int] = set()
+        self.live_views: set[bytes] = set()
+        self.subscriptions: dict[bytes, int] = {}
+        self.view_columns: dict[bytes, int] = {}
+        self.closed_views: dict[bytes, str] = {}
+        self.max_views, self.max_subscriptions = max_views, max_subscriptions
+        self.max_expression_length, self.check_expressions = max_expression_length, check_expressions
+        self.max_read_cells = max_read_cells
         self.reason: str | None = None
+        self.request: bytes = b""
 
     def allows(self, data: bytes) -> bool:
+        """True to let `data` through; then `self.request` is what to send on
+        (the same bytes, or a read with its viewport clamped)."""
+        self.request = data
         self.reason = self._refuse(data)
         return self.reason is None
+
+    def close_view(self, view_id: bytes, why: str) -> None:
+        """The handler deleted this view (too large); later requests about it are refused."""
+        self.closed_views[view_id] = why
+        self.live_views.discard(view_id)
+        self.subscriptions.pop(view_id, None)
 
     def _refuse(self, data: bytes) -> str | None:
         """None to let the request through, else why not."""
         try:
             msg_id, entity_id, kind, body = parse_request(data)
         except MalformedRequest as error:
-            return str(error)
+            return f"{READ_ONLY}: {error}"
         if kind in _ABOUT_SERVER:
             return None
         if kind in _ABOUT_TABLE:
             if entity_id not in self.tables:
-                return "not a hosted table"
+                return f"{READ_ONLY}: not a hosted table"
+            if self.check_expressions:
+                try:
+                    for expression in expressions_in(kind, body):
+                        check_expression(expression, self.max_expression_length)
+                except RefusedExpression as error:
+                    return f"expression refused: {error}"
             if kind == _MAKE_VIEW:
                 view_id = next((value for number, _, value in _fields(body) if number == 1), b"")
                 if not view_id or view_id in self.views or msg_id in self._view_messages:
-                    return "view id or message id already used"
+                    return f"{READ_ONLY}: view id or message id already used"
+                if len(self.live_views) >= self.max_views:
+                    return f"too many views on one connection (limit {self.max_views}); delete one first"
                 # Usable at once, and for good: the viewer sends requests
                 # about a new view before the answer to its creation, and
                 # after deleting it (Perspective answers "View not found").
                 self.views.add(view_id)
+                self.live_views.add(view_id)
                 self._view_messages.add(msg_id)
             return None
         if entity_id not in self.views:
-            return "not a view of this connection"
+            return f"{READ_ONLY}: not a view of this connection"
+        if entity_id in self.closed_views:
+            return self.closed_views[entity_id]
+        if kind == _VIEW_DELETE:
+            self.live_views.discard(entity_id)
+            self.subscriptions.pop(entity_id, None)
+        elif kind == _ON_UPDATE:
+            if self.subscriptions.get(entity_id, 0) >= self.max_subscriptions:
+                return f"too many update subscriptions on one view (limit {self.max_subscriptions})"
+            self.subscriptions[entity_id] = self.subscriptions.get(entity_id, 0) + 1
+        elif kind == _REMOVE_ON_UPDATE:
+            self.subscriptions[entity_id] = max(0, self.subscriptions.get(entity_id, 0) - 1)
+        elif kind in _READS:
+            self.request = clamp_read(data, self.view_columns.get(entity_id, 1 << 20), self.max_read_cells)
         return None
 
 
@@ -238,7 +484,7 @@ def _field(number: int, payload: bytes) -> bytes:
     return _encode_varint(number << 3 | 2) + _encode_varint(len(payload)) + payload
 
 
-def refusal(data: bytes, message: str = "this dashboard is read-only") -> bytes | None:
+def refusal(data: bytes, message: str = READ_ONLY) -> bytes | None:
     """A Response carrying a ServerError for the request, so the client's
     promise rejects instead of waiting forever; None if the request is not
     even valid protobuf. (A message id of 0 is absent on the wire.)"""

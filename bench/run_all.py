@@ -74,6 +74,7 @@ BENCHMARKS = {
     "producer_capacity": ([], ["--smoke"]),
     "memory": ([], ["--smoke"]),
     "tail_rate": (["--rates", "2000", "5000", "10000"], ["--smoke"]),
+    "hostile": ([], ["--smoke"]),
 }
 
 

@@ -16,6 +16,7 @@ import pytest
 import tornado.httpclient
 import tornado.httpserver
 import tornado.testing
+import tornado.websocket
 
 import read_only
 from perspective_server import make_app
@@ -143,3 +144,77 @@ def test_only_the_page_own_origin_or_an_allowed_one_may_connect(origin, allowed,
             http.stop()
 
     assert asyncio.run(scenario()) == (101 if accepted else 403)
+
+
+async def recording_viewer(port: int):
+    """A Perspective client over a websocket that also keeps the requests it sends."""
+    request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/websocket",
+                                             headers={"Origin": f"http://127.0.0.1:{port}"})
+    socket = await tornado.websocket.websocket_connect(request)
+    sent: list[bytes] = []
+
+    async def send(message):
+        sent.append(message)
+        await socket.write_message(message, binary=True)
+
+    client = perspective.AsyncClient(send)
+
+    async def pump():
+        while (message := await socket.read_message()) is not None:
+            await client.handle_response(message)
+
+    return client, socket, asyncio.ensure_future(pump()), sent
+
+
+def raw_request(msg_id: int, entity_id: bytes, kind: int, body: bytes = b"") -> bytes:
+    return read_only._encode_message([(1, 0, msg_id), (2, 2, entity_id), (kind, 2, body)])
+
+
+def error_of(response: bytes) -> str | None:
+    """The ServerError message of a Response, None if it is not an error."""
+    for number, _, value in read_only._fields(response):
+        if number == 50:
+            return next(v.decode() for n, _, v in read_only._fields(value) if n == 1)
+    return None
+
+
+def test_a_connection_cannot_touch_another_connection_view_or_an_unlisted_table():
+    async def scenario():
+        server = perspective.Server()
+        local = server.new_local_client()
+        local.table(ROWS, name="stock_values")
+        # Hosted by the same Perspective server, but not offered to viewers.
+        local.table({"secret": ["s3cret"]}, name="internal")
+        sock, port = tornado.testing.bind_unused_port()
+        http = tornado.httpserver.HTTPServer(make_app(server, tables=["stock_values"]))
+        http.add_sockets([sock])
+        owner, owner_socket, owner_reader, sent = await recording_viewer(port)
+        view = await (await owner.open_table("stock_values")).view(columns=["close"])
+        make_view_body = next(body for _, _, kind, body in map(read_only.parse_request, sent) if kind == 6)
+        view_id = next(value for number, _, value in read_only._fields(make_view_body) if number == 1)
+
+        intruder = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
+            f"ws://127.0.0.1:{port}/websocket", headers={"Origin": f"http://127.0.0.1:{port}"}))
+        answers = {}
+        for name, request in {
+            "read the other view": raw_request(7, view_id, 24, b"\n\x00"),
+            "delete the other view": raw_request(8, view_id, 11),
+            "size of an unlisted table": raw_request(9, b"internal", 8),
+            "view of an unlisted table": raw_request(10, b"internal", 6, b"\n\x05spyid\x12\x00"),
+        }.items():
+            await intruder.write_message(request, binary=True)
+            answers[name] = error_of(await asyncio.wait_for(intruder.read_message(), 10))
+        # The owner's view is still there and still answers.
+        columns = await view.to_columns()
+        intruder.close()
+        owner_socket.close()
+        owner_reader.cancel()
+        http.stop()
+        return answers, columns
+
+    answers, columns = asyncio.run(scenario())
+    assert answers["read the other view"] == "this dashboard is read-only: not a view of this connection"
+    assert answers["delete the other view"] == "this dashboard is read-only: not a view of this connection"
+    assert answers["size of an unlisted table"] == "this dashboard is read-only: not a hosted table"
+    assert answers["view of an unlisted table"] == "this dashboard is read-only: not a hosted table"
+    assert columns["close"] == [1.0, 2.0]
