@@ -41,8 +41,7 @@ SECOND` (second precision, as it was) -> query_df -> to_dict("records") ->
 Table.update(records) (datetimes and UUIDs made JSON-safe as in
 bench/sync_throughput.py), into a Perspective table served by perspective's
 stock PerspectiveTornadoHandler with the page before the dashboard (the
---old-page, one grid: with the dashboard's views that server stopped
-answering in this bench, see run()). That scheme
+--old-page, one grid; see run()). That scheme
 delivers a row on every poll whose window still covers it (4 to 8 polls),
 and never delivers a row that becomes visible after the window has passed
 it, so its duplicate ratio (rows delivered / distinct rows) and missed rows
@@ -626,10 +625,11 @@ def run(args) -> dict:
         warmup.insert_one()
         warmup.executor.shutdown()
         ports = {scheme: free_port() for scheme in schemes}
-        # The predecessor serves the one-grid page when git can show it: with
-        # the dashboard's five views its stock handler stopped answering here
-        # (0% CPU, no row delivered), while this project's server serves the
-        # dashboard. The polling schemes are compared on the Python hop.
+        # The predecessor serves the one-grid page when git can show it, as it
+        # did before the dashboard, so its figures compare with earlier runs.
+        # (On this 2-core machine under load it sometimes stopped answering
+        # altogether, 0% CPU and no row delivered, with either page: its
+        # updates run on a thread beside perspective's stock handler.)
         predecessor_page = workdir / "predecessor.html"
         predecessor_page.write_bytes(old_page or (REPO / "index.html").read_bytes())
         servers = {}
