@@ -627,9 +627,6 @@ def run(args) -> dict:
         ports = {scheme: free_port() for scheme in schemes}
         # The predecessor serves the one-grid page when git can show it, as it
         # did before the dashboard, so its figures compare with earlier runs.
-        # (On this 2-core machine under load it sometimes stopped answering
-        # altogether, 0% CPU and no row delivered, with either page: its
-        # updates run on a thread beside perspective's stock handler.)
         predecessor_page = workdir / "predecessor.html"
         predecessor_page.write_bytes(old_page or (REPO / "index.html").read_bytes())
         servers = {}
@@ -894,15 +891,19 @@ def serve_predecessor(port: int, page: Path, interval: float = 0.25) -> int:
         executor = ThreadPoolExecutor(max_workers=1)
         polls = rows = 0
 
-        def poll() -> int:
-            df = client.query_df(PREDECESSOR_QUERY)
-            if len(df):
-                table.update(records_frame_to_json_safe(df).to_dict("records"))
-            return len(df)
+        def poll() -> list[dict]:
+            return records_frame_to_json_safe(client.query_df(PREDECESSOR_QUERY)).to_dict("records")
 
         while not stop.is_set():
             started = time.monotonic()
-            rows += await loop.run_in_executor(executor, poll)
+            records = await loop.run_in_executor(executor, poll)
+            # The update runs on the IOLoop, as the predecessor's did: the stock
+            # handler answers views from the thread that updates the table, and
+            # its websocket writes from another thread stalled this server
+            # (0% CPU, no row delivered) once a page held several views.
+            if records:
+                table.update(records)
+            rows += len(records)
             polls += 1
             try:
                 await asyncio.wait_for(stop.wait(), max(0.0, interval - (time.monotonic() - started)))
