@@ -891,19 +891,15 @@ def serve_predecessor(port: int, page: Path, interval: float = 0.25) -> int:
         executor = ThreadPoolExecutor(max_workers=1)
         polls = rows = 0
 
-        def poll() -> list[dict]:
-            return records_frame_to_json_safe(client.query_df(PREDECESSOR_QUERY)).to_dict("records")
+        def poll() -> int:
+            df = client.query_df(PREDECESSOR_QUERY)
+            if len(df):
+                table.update(records_frame_to_json_safe(df).to_dict("records"))
+            return len(df)
 
         while not stop.is_set():
             started = time.monotonic()
-            records = await loop.run_in_executor(executor, poll)
-            # The update runs on the IOLoop, as the predecessor's did: the stock
-            # handler answers views from the thread that updates the table, and
-            # its websocket writes from another thread stalled this server
-            # (0% CPU, no row delivered) once a page held several views.
-            if records:
-                table.update(records)
-            rows += len(records)
+            rows += await loop.run_in_executor(executor, poll)
             polls += 1
             try:
                 await asyncio.wait_for(stop.wait(), max(0.0, interval - (time.monotonic() - started)))
