@@ -16,8 +16,9 @@ insert to the row being visible, with the demo's default settings
      update). The target is drawn p95 <= 500 ms.
 
 The page before the dashboard (one grid; --old-page, by default
-`git show main:index.html`) is measured in the same run, on the same
-server, in a window of its own beside the dashboard: "old page" rows.
+`git show` of index.html at the last commit before the dashboard) is
+measured in the same run, on the same server, in a window of its own beside
+the dashboard: "old page" rows.
 
 Every process is the real one: ClickHouse is the chDB test harness
 (tests/chdb_http.py, chDB behind ClickHouse's HTTP interface) and the server
@@ -150,6 +151,8 @@ PREDECESSOR_SCHEMA = {
 }
 SCHEMES = {"project": "this project", "predecessor": "predecessor"}
 OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project's server
+# The last commit whose index.html was one grid (before the dashboard).
+OLD_PAGE_REF = "4ee2ee41a1909448ddc42bf2bf34dfbf1cca4fda:index.html"
 TARGET_BROWSER_P95_MS = 500
 # perspective_server.py's 10-second report: lag from inserted_at to the Perspective table.
 SYNCED = re.compile(r"synced [\d,]+ rows \(\d+ rows/s\), lag p50 (\d+) ms / max (\d+) ms")
@@ -503,7 +506,7 @@ class Pages:
 
 
 def read_old_page(ref: str) -> bytes | None:
-    """The page as it was at `ref` ("main:index.html"), or None (and a note) if git cannot show it."""
+    """The page as it was at `ref` (e.g. "<commit>:index.html"), or None (and a note) if git cannot show it."""
     result = subprocess.run(["git", "show", ref], cwd=REPO, capture_output=True)
     if result.returncode != 0:
         print(f"note: no old page to compare (git show {ref}: {result.stderr.decode().strip()})", flush=True)
@@ -627,6 +630,8 @@ def run(args) -> dict:
         ports = {scheme: free_port() for scheme in schemes}
         # The predecessor serves the one-grid page when git can show it, as it
         # did before the dashboard, so its figures compare with earlier runs.
+        # (Serving the dashboard, its server stalled in Table.update, 0% CPU,
+        # in every run here; with the one-grid page it did not.)
         predecessor_page = workdir / "predecessor.html"
         predecessor_page.write_bytes(old_page or (REPO / "index.html").read_bytes())
         servers = {}
@@ -935,8 +940,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="newest rows the page probe reads on each update (default 1000)")
     parser.add_argument("--page-throttle", type=float, metavar="MS",
                         help="diagnosis: viewer.setThrottle(MS) in the pages (default: the viewer's adaptive throttle)")
-    parser.add_argument("--old-page", default="main:index.html", metavar="GIT_REF:PATH",
-                        help="the page before the dashboard (git show GIT_REF:PATH; default main:index.html): "
+    parser.add_argument("--old-page", default=OLD_PAGE_REF, metavar="GIT_REF:PATH",
+                        help=f"the page before the dashboard (git show GIT_REF:PATH; default {OLD_PAGE_REF}): "
                              "measured on this project's server beside the dashboard (not with --smoke), and "
                              "served by the predecessor's server ('' for neither)")
     parser.add_argument("--drain", type=float, default=10,
