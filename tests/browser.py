@@ -272,9 +272,16 @@ def view_columns(page, view: str | None = None, window: dict | None = None) -> d
                      {"view": view, "window": window or {}})
 
 
-def expression_schema(page, view: str | None = None) -> dict:
-    """Types of a viewer's expression columns, as the server computed them."""
-    return _evaluate(page, "return await (await viewer(arg).getView()).expression_schema();", view)
+def group_by_types(page, view: str | None = None) -> list[str]:
+    """The type of each column a viewer's rows are grouped by (a table column or an expression)."""
+    return _evaluate(
+        page,
+        """const v = viewer(arg);
+           const view = await v.getView();
+           const types = {...await (await v.getTable()).schema(), ...await view.expression_schema()};
+           return (await view.get_config()).group_by.map((column) => types[column]);""",
+        view,
+    )
 
 
 def datagrid_cell_count(page, view: str | None = None) -> int:
