@@ -96,33 +96,33 @@ FILTER_OPS = {
 
 # Aggregate name -> (SQL template, result type or None for "the column's
 # type"). In a template {x} is the column, {c} the condition a row must meet
-# (a split value, or 1) and {t} the cursor column.
-_SUM = "coalesce(sumIf({x}, {c}), 0)"  # Perspective: the sum of nothing is 0
-# Perspective counts a null as the smallest value.
-_MIN = "if(countIf({c} AND {x} IS NULL) > 0, NULL, minIf({x}, {c}))"
+# (a split value, or 1) and {t} the cursor column. Nulls are skipped, as in
+# SQL, except where a comment says otherwise.
+_SUM = "coalesce(sumIf({x}, {c}), 0)"  # Perspective: the sum of only nulls is 0
 AGGREGATES = {
     "sum": (_SUM, None),
-    "count": ("countIf({c})", "integer"),
+    "count": ("countIf({c})", "integer"),  # rows, null or not (as Perspective)
     "avg": ("avgIf({x}, {c})", "float"),
     "mean": ("avgIf({x}, {c})", "float"),
-    "min": (_MIN, None),
+    "min": ("minIf({x}, {c})", None),
     "max": ("maxIf({x}, {c})", None),
-    "low": (_MIN, None),
+    "low": ("minIf({x}, {c})", None),
     "high": ("maxIf({x}, {c})", None),
     "high minus low": ("maxIf({x}, {c}) - minIf({x}, {c})", None),
-    # The tuple keeps a null value: the latest row's value may be null.
+    # The earliest and latest row by the cursor column. The tuple keeps that
+    # row's value even when it is null, as Perspective does.
     "first": ("argMinIf(tuple({x}), {t}, {c}).1", None),
     "last": ("argMaxIf(tuple({x}), {t}, {c}).1", None),
     # Perspective counts null as one more distinct value.
     "distinct count": ("uniqExactIf({x}, {c}) + (countIf({c} AND {x} IS NULL) > 0)", "integer"),
-    "unique": ("if(uniqExactIf({x}, {c}) = 1, anyIf({x}, {c}), NULL)", None),
     "sum abs": ("coalesce(sumIf(abs({x}), {c}), 0)", None),
     "abs sum": ("abs(" + _SUM + ")", None),
-    "median": ("quantileExactHighIf(0.5)({x}, {c})", None),
 }
+# Aggregates with an answer for no rows at all; the others are null then.
+_DEFINED_ON_NOTHING = {"count", "distinct count"}
 _NUMBER_AGGREGATES = ["sum", "count", "avg", "mean", "min", "max", "low", "high", "high minus low",
-                      "first", "last", "distinct count", "unique", "sum abs", "abs sum", "median"]
-_OTHER_AGGREGATES = ["count", "distinct count", "first", "last", "unique"]
+                      "first", "last", "distinct count", "sum abs", "abs sum"]
+_OTHER_AGGREGATES = ["count", "distinct count", "first", "last"]
 AGGREGATES_BY_TYPE = {
     "integer": _NUMBER_AGGREGATES, "float": _NUMBER_AGGREGATES, "string": _OTHER_AGGREGATES,
     "boolean": _OTHER_AGGREGATES,
@@ -221,7 +221,10 @@ def where_sql(columns: dict[str, Column], filters, reducer: str, params: Params)
 def aggregate_sql(column: Column, aggregate: str, cursor: str, condition: str = "1") -> str:
     """One aggregate over the rows that meet `condition`, as a SELECT item."""
     template, _ = AGGREGATES[aggregate]
-    return template.format(x=value_sql(column), c=condition, t=cursor)
+    sql = template.format(x=value_sql(column), c=condition, t=cursor)
+    if aggregate in _DEFINED_ON_NOTHING:
+        return sql
+    return f"if(countIf({condition}) = 0, NULL, {sql})"
 
 
 def aggregate_type(column: Column, aggregate: str) -> str:
