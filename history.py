@@ -537,26 +537,28 @@ class HistoryHandler:
                 data.set_col(kind, view.names[alias], index, value)
 
 
-def _answers_in_our_words(method):
+def _answers_in_our_words(method, fallback):
     """Wraps a handler method so that a failure is remembered as one short
-    line (the session sends that line to the viewer, not a traceback)."""
+    line, which the session sends to the viewer. The method then returns a
+    placeholder rather than raising: Perspective would put a raised
+    exception's traceback in its answer and in the server's log."""
     def wrapped(self, *args):
         try:
             return method(self, *args)
         except Refused as error:
             self.failure = str(error)
-            raise
         except Exception as error:
             self.failure = _clickhouse_reason(error)
-            log.info("history query failed: %s", self.failure)
-            raise
+            log.info("%s", self.failure)
+        return fallback
     wrapped.__name__ = method.__name__
     return wrapped
 
 
-for _name in ("table_schema", "table_size", "table_make_view", "view_schema", "view_column_size",
-              "view_size", "view_delete", "view_get_data"):
-    setattr(HistoryHandler, _name, _answers_in_our_words(getattr(HistoryHandler, _name)))
+for _name, _fallback in (("table_schema", {}), ("table_size", 0), ("table_make_view", ""), ("view_schema", {}),
+                         ("view_column_size", 0), ("view_size", 0), ("view_delete", None),
+                         ("view_get_data", None)):
+    setattr(HistoryHandler, _name, _answers_in_our_words(getattr(HistoryHandler, _name), _fallback))
 
 
 def _clickhouse_reason(error: Exception) -> str:

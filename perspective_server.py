@@ -47,6 +47,7 @@ import pyarrow as pa
 import tornado.web
 
 import connection
+import history
 import producer
 from tailer import CURSOR, SchemaError, TableNotFound, Tail
 from viewers import ViewerHandler, Viewers
@@ -69,6 +70,7 @@ class ServerSettings:
     allowed_origins: tuple[str, ...] = ()
     table_wait: float = 0.0
     show_key: bool = False
+    history: history.Limits | None = history.Limits()  # None: --no-history
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -96,6 +98,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                         help="also send the --key column to the browser; by default it is only used to "
                              "drop re-read rows, because Perspective keeps every distinct string it has "
                              "seen, so a unique id column grows its memory without bound")
+    add_history_arguments(parser)
     connection.add_arguments(parser, embedded=True)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
@@ -114,8 +117,33 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error(str(error))
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
-                              args.table_wait, args.show_key)
+                              args.table_wait, args.show_key, history_limits(parser, args))
     return settings, ch
+
+
+def add_history_arguments(parser: argparse.ArgumentParser) -> None:
+    """Chapter 4's flags: the whole table at /history, pivoted in ClickHouse."""
+    group = parser.add_argument_group("history (the whole table at /history, pivoted inside ClickHouse)")
+    group.add_argument("--no-history", action="store_true", help="do not serve /history")
+    group.add_argument("--history-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="longest a history query may run (default 10)")
+    group.add_argument("--history-max-rows", type=int, default=100_000, metavar="ROWS",
+                       help="most rows one history answer may hold (default 100,000)")
+    group.add_argument("--history-max-memory", type=int, default=2048, metavar="MB",
+                       help="memory one history query may use in ClickHouse (default 2048 MB)")
+    group.add_argument("--history-split-values", type=int, default=50, metavar="N",
+                       help="a split-by shows its N most frequent values (default 50)")
+
+
+def history_limits(parser: argparse.ArgumentParser, args) -> history.Limits | None:
+    if args.no_history:
+        return None
+    if args.history_timeout <= 0 or args.history_max_rows < 1 or args.history_max_memory < 1 \
+            or args.history_split_values < 1:
+        parser.error("--history-timeout, --history-max-rows, --history-max-memory and "
+                     "--history-split-values must be more than 0")
+    return history.Limits(args.history_timeout, args.history_max_rows, args.history_max_memory << 20,
+                          args.history_split_values)
 
 
 class IndexHandler(tornado.web.RequestHandler):
@@ -126,13 +154,17 @@ class IndexHandler(tornado.web.RequestHandler):
 
 
 def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
-             allowed_origins=()) -> tornado.web.Application:
-    """The page at / and Perspective's websocket at /websocket, for `tables`."""
-    return tornado.web.Application([
+             allowed_origins=(), history_server: history.History | None = None) -> tornado.web.Application:
+    """The page at / and Perspective's websocket at /websocket, for `tables`;
+    with `history_server`, the whole table at /history (same checks)."""
+    viewers = {"tables": tuple(tables), "allowed_origins": frozenset(allowed_origins)}
+    routes = [
         (r"/", IndexHandler),
-        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, "tables": tuple(tables),
-                                        "allowed_origins": frozenset(allowed_origins)}),
-    ],
+        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, **viewers}),
+    ]
+    if history_server is not None:
+        routes.append((r"/history", ViewerHandler, {"perspective_server": history_server, **viewers}))
+    return tornado.web.Application(routes,
         # A viewer's requests are a few hundred bytes; nothing needs more.
         websocket_max_message_size=1 << 20,
     )
@@ -278,7 +310,14 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         producer_stop, producer_thread = await run(start_embedded_producer, ch, settings.table)
 
     perspective_server = perspective.Server()
-    app = make_app(perspective_server, [settings.table], settings.allowed_origins)
+    hidden = (settings.key,) if settings.key and not settings.show_key else ()
+    history_server = None
+    if settings.history is not None:
+        # Its own clients, one per history thread: a history query never
+        # waits for a poll, nor a poll for a history query.
+        history_server = history.History(lambda: connection.connect(ch), settings.table, settings.cursor,
+                                          hidden, settings.history)
+    app = make_app(perspective_server, [settings.table], settings.allowed_origins, history_server)
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:
@@ -288,7 +327,6 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
 
-    hidden = (settings.key,) if settings.key and not settings.show_key else ()
     tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden)
     if await wait_for_table(tail, run, stop, settings.table_wait):
         sync = await start_sync(tail, perspective_server, settings, run)
@@ -301,6 +339,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         producer_stop.set()
         producer_thread.join(timeout=5)
     executor.shutdown(wait=True, cancel_futures=True)
+    if history_server is not None:
+        history_server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s; table %s (cursor %s, key %s); poll every %.2f s, overlap %.1f s, limit %s rows",
              ch.describe(), settings.table, settings.cursor, settings.key or "whole row",
              settings.interval, settings.overlap, f"{settings.limit:,}")
+    if settings.history:
+        log.info("history at /history: each query up to %g s, %s rows, %d MB; split-by shows %d values",
+                 settings.history.timeout, f"{settings.history.max_rows:,}", settings.history.max_memory >> 20,
+                 settings.history.split_values)
     try:
         asyncio.run(serve(settings, ch))
     except connection.SetupError as error:
