@@ -49,6 +49,7 @@ import pyarrow as pa
 import tornado.web
 
 import connection
+import history
 import producer
 from tailer import CURSOR, SchemaError, TableNotFound, Tail
 import viewers
@@ -73,6 +74,7 @@ class ServerSettings:
     table_wait: float = 0.0
     show_key: bool = False
     limits: ViewerLimits = ViewerLimits()
+    history: history.Limits | None = history.Limits()  # None: --no-history
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -100,6 +102,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                         help="also send the --key column to the browser; by default it is only used to "
                              "drop re-read rows, because Perspective keeps every distinct string it has "
                              "seen, so a unique id column grows its memory without bound")
+    add_history_arguments(parser)
     connection.add_arguments(parser, embedded=True)
     viewers.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -119,25 +122,64 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error(str(error))
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
-                              args.table_wait, args.show_key, viewers.limits_from_args(args, parser))
+                              args.table_wait, args.show_key, viewers.limits_from_args(args, parser),
+                              history_limits(parser, args))
     return settings, ch
 
 
+def add_history_arguments(parser: argparse.ArgumentParser) -> None:
+    """Chapter 4's flags: the whole table at /history, pivoted in ClickHouse."""
+    group = parser.add_argument_group("history (the whole table at /history, pivoted inside ClickHouse)")
+    group.add_argument("--no-history", action="store_true", help="do not serve /history")
+    group.add_argument("--history-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="longest a history query may run (default 10)")
+    group.add_argument("--history-max-rows", type=int, default=100_000, metavar="ROWS",
+                       help="most rows one history answer may hold (default 100,000)")
+    group.add_argument("--history-max-memory", type=int, default=2048, metavar="MB",
+                       help="memory one history query may use in ClickHouse (default 2048 MB)")
+    group.add_argument("--history-split-values", type=int, default=50, metavar="N",
+                       help="a split-by shows its N most frequent values (default 50)")
+
+
+def history_limits(parser: argparse.ArgumentParser, args) -> history.Limits | None:
+    if args.no_history:
+        return None
+    if args.history_timeout <= 0 or args.history_max_rows < 1 or args.history_max_memory < 1 \
+            or args.history_split_values < 1:
+        parser.error("--history-timeout, --history-max-rows, --history-max-memory and "
+                     "--history-split-values must be more than 0")
+    return history.Limits(args.history_timeout, args.history_max_rows, args.history_max_memory << 20,
+                          args.history_split_values)
+
+
 class IndexHandler(tornado.web.RequestHandler):
+    """index.html, told whether this server offers History (its meta tag)."""
+
+    def initialize(self, history: bool = True):
+        self.history = history
+
     def get(self):
+        page = INDEX_HTML.read_bytes()
+        if not self.history:
+            page = page.replace(b'<meta name="history" content="on">', b'<meta name="history" content="off">')
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
-        self.write(INDEX_HTML.read_bytes())
+        self.write(page)
 
 
 def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
-             allowed_origins=(), limits: ViewerLimits = ViewerLimits()) -> tornado.web.Application:
-    """The page at / and Perspective's websocket at /websocket, for `tables`."""
-    return tornado.web.Application([
-        (r"/", IndexHandler),
-        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, "tables": tuple(tables),
-                                        "allowed_origins": frozenset(allowed_origins), "limits": limits}),
-    ],
+             allowed_origins=(), limits: ViewerLimits = ViewerLimits(),
+             history_server: history.History | None = None) -> tornado.web.Application:
+    """The page at / and Perspective's websocket at /websocket, for `tables`;
+    with `history_server`, the whole table at /history (same checks and limits)."""
+    checks = {"tables": tuple(tables), "allowed_origins": frozenset(allowed_origins), "limits": limits}
+    routes = [
+        (r"/", IndexHandler, {"history": history_server is not None}),
+        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, **checks}),
+    ]
+    if history_server is not None:
+        routes.append((r"/history", ViewerHandler, {"perspective_server": history_server, **checks}))
+    return tornado.web.Application(routes,
         # A viewer's requests are a few hundred bytes; nothing needs more.
         websocket_max_message_size=1 << 20,
         # Pings find viewers that vanished without closing (a laptop lid, a
@@ -340,7 +382,15 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
                  settings.table, connection.TABLE)
 
     perspective_server = perspective.Server()
-    app = make_app(perspective_server, [settings.table], settings.allowed_origins, settings.limits)
+    hidden = (settings.key,) if settings.key and not settings.show_key else ()
+    history_server = None
+    if settings.history is not None:
+        # Its own clients, one per history thread: a history query never
+        # waits for a poll, nor a poll for a history query.
+        history_server = history.History(lambda: connection.connect(ch), settings.table, settings.cursor,
+                                          hidden, settings.history)
+    app = make_app(perspective_server, [settings.table], settings.allowed_origins, settings.limits,
+                   history_server)
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:
@@ -350,7 +400,6 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
 
-    hidden = (settings.key,) if settings.key and not settings.show_key else ()
     tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden)
     if await wait_for_table(tail, run, stop, settings.table_wait):
         sync = await start_sync(tail, perspective_server, settings, run)
@@ -363,6 +412,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         producer_stop.set()
         producer_thread.join(timeout=5)
     executor.shutdown(wait=True, cancel_futures=True)
+    if history_server is not None:
+        history_server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("%s; table %s (cursor %s, key %s); poll every %.2f s, overlap %.1f s, limit %s rows",
              ch.describe(), settings.table, settings.cursor, settings.key or "whole row",
              settings.interval, settings.overlap, f"{settings.limit:,}")
+    if settings.history:
+        log.info("history at /history: each query up to %g s, %s rows, %d MB; split-by shows %d values",
+                 settings.history.timeout, f"{settings.history.max_rows:,}", settings.history.max_memory >> 20,
+                 settings.history.split_values)
     try:
         asyncio.run(serve(settings, ch))
     except connection.SetupError as error:
