@@ -13,13 +13,17 @@ What a user must see:
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import browser
 from servers import Program, free_port
 from test_topology import clickhouse, wait_for_page  # noqa: F401  (a fixture)
 
 LIMIT = 300
+# UPDATE_SCREENSHOTS=1 writes the History screenshot over the README's.
+SCREENSHOT = Path(__file__).resolve().parent.parent / "docs" / "screenshot-history.png"
 
 
 def badge(page, which: str) -> str:
@@ -66,6 +70,8 @@ def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # 
             headers = page.locator("#history perspective-viewer-datagrid regular-table thead").text_content()
             assert "Alpha Capital" in headers, "the split by client drew no client column"
             assert history_cells(page) > 10
+            page.screenshot(path=str(SCREENSHOT if os.environ.get("UPDATE_SCREENSHOTS") == "1"
+                                     else tmp_path / "history.png"))
 
             assert producer.interrupt() == 0, producer.log()
             stored = clickhouse.count()
