@@ -26,7 +26,8 @@ connection may ask for (the limits are ViewerLimits in viewers.py):
   an expression must parse as a small arithmetic language (column names,
   numbers, strings, + - * / and parentheses, and a short list of functions
   such as bucket()), which costs a bounded amount per row;
-* views per connection and update subscriptions per view;
+* views per connection, and subscriptions (on_update, on_delete) per view
+  or table;
 * reads: a read asks for a viewport (rows and columns); one without an end,
   or a larger one, is cut to at most `max_read_cells` cells, so a viewer
   gets the first pages of a huge view, never the whole of it at once.
@@ -34,6 +35,7 @@ connection may ask for (the limits are ViewerLimits in viewers.py):
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Iterator
 
@@ -99,8 +101,10 @@ _ABOUT_TABLE = {5, 6, 7, 8, 9, 29, 30}
 _MAKE_VIEW = 6
 _VALIDATE_EXPRESSIONS = 9
 _VIEW_DELETE = 11
-_ON_UPDATE = 21
-_REMOVE_ON_UPDATE = 22
+# Subscriptions, and the request that ends each: view on_update, table and
+# view on_delete. Each costs the server a callback for as long as it lasts.
+_SUBSCRIBE = {21: "update", 29: "delete", 34: "delete"}
+_UNSUBSCRIBE = {22: 21, 30: 29, 35: 34}
 # Reads whose field 1 is a viewport (to_arrow, to_columns, to_csv, to_rows, to_ndjson).
 _READS = {16, 24, 25, 26, 36}
 _EXPRESSIONS = 6  # field of the view config (a map: name -> expression)
@@ -400,7 +404,7 @@ class ViewerGate:
         self.views: set[bytes] = set()
         self._view_messages: set[int] = set()
         self.live_views: set[bytes] = set()
-        self.subscriptions: dict[bytes, int] = {}
+        self.subscriptions: collections.Counter = collections.Counter()  # (entity, kind) -> count
         self.view_columns: dict[bytes, int] = {}
         self.closed_views: dict[bytes, str] = {}
         self.max_views, self.max_subscriptions = max_views, max_subscriptions
@@ -420,7 +424,6 @@ class ViewerGate:
         """The handler deleted this view (too large); later requests about it are refused."""
         self.closed_views[view_id] = why
         self.live_views.discard(view_id)
-        self.subscriptions.pop(view_id, None)
 
     def _refuse(self, data: bytes) -> str | None:
         """None to let the request through, else why not."""
@@ -433,6 +436,8 @@ class ViewerGate:
         if kind in _ABOUT_TABLE:
             if entity_id not in self.tables:
                 return f"{READ_ONLY}: not a hosted table"
+            if kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
+                return self._count_subscription(entity_id, kind)
             if self.check_expressions:
                 try:
                     for expression in expressions_in(kind, body):
@@ -458,15 +463,20 @@ class ViewerGate:
             return self.closed_views[entity_id]
         if kind == _VIEW_DELETE:
             self.live_views.discard(entity_id)
-            self.subscriptions.pop(entity_id, None)
-        elif kind == _ON_UPDATE:
-            if self.subscriptions.get(entity_id, 0) >= self.max_subscriptions:
-                return f"too many update subscriptions on one view (limit {self.max_subscriptions})"
-            self.subscriptions[entity_id] = self.subscriptions.get(entity_id, 0) + 1
-        elif kind == _REMOVE_ON_UPDATE:
-            self.subscriptions[entity_id] = max(0, self.subscriptions.get(entity_id, 0) - 1)
+        elif kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
+            return self._count_subscription(entity_id, kind)
         elif kind in _READS:
             self.request = clamp_read(data, self.view_columns.get(entity_id, 1 << 20), self.max_read_cells)
+        return None
+
+    def _count_subscription(self, entity_id: bytes, kind: int) -> str | None:
+        if kind in _UNSUBSCRIBE:
+            key = (entity_id, _UNSUBSCRIBE[kind])
+            self.subscriptions[key] = max(0, self.subscriptions[key] - 1)
+            return None
+        if self.subscriptions[entity_id, kind] >= self.max_subscriptions:
+            return f"too many {_SUBSCRIBE[kind]} subscriptions on one view or table (limit {self.max_subscriptions})"
+        self.subscriptions[entity_id, kind] += 1
         return None
 
 
