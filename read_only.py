@@ -98,9 +98,9 @@ VIEWER_REQUESTS = {
 }
 _ABOUT_SERVER = {3, 4, 17, 37}
 _ABOUT_TABLE = {5, 6, 7, 8, 9, 29, 30}
-_MAKE_VIEW = 6
+MAKE_VIEW = 6
 _VALIDATE_EXPRESSIONS = 9
-_VIEW_DELETE = 11
+VIEW_DELETE = 11
 # Subscriptions, and the request that ends each: view on_update, table and
 # view on_delete. Each costs the server a callback for as long as it lasts.
 _SUBSCRIBE = {21: "update", 29: "delete", 34: "delete"}
@@ -131,7 +131,7 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
             return value, at
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+def message_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """Yields (field number, wire type, value) for each field of a message."""
     at = 0
     while at < len(data):
@@ -160,7 +160,7 @@ def _check(data: bytes, layout: dict, depth: int = 0) -> None:
     """Raises MalformedRequest unless `data` is a message of `layout`."""
     if depth > _MAX_DEPTH:
         raise MalformedRequest("nested too deep")
-    for number, wire_type, value in _fields(data):
+    for number, wire_type, value in message_fields(data):
         kind = layout.get(number)
         if kind is None:
             raise MalformedRequest(f"unexpected field {number}")
@@ -180,7 +180,7 @@ def parse_request(data: bytes) -> tuple[int, bytes, int, bytes]:
     """Returns (msg_id, entity_id, request type, request body) of a Request
     a viewer may send; raises MalformedRequest for anything else."""
     msg_id, entity_id, kind, body = 0, b"", None, b""
-    for number, wire_type, value in _fields(data):
+    for number, wire_type, value in message_fields(data):
         if number == 1 and wire_type == 0:
             msg_id = value
         elif number == 2 and wire_type == 2:
@@ -340,14 +340,14 @@ def check_expression(text: str, max_length: int) -> None:
 
 def expressions_in(kind: int, body: bytes) -> list[str]:
     """The expressions a make_view or validate_expr request carries."""
-    if kind == _MAKE_VIEW:
-        config = next((value for number, _, value in _fields(body) if number == 2), b"")
-        entries = [value for number, _, value in _fields(config) if number == _EXPRESSIONS]
+    if kind == MAKE_VIEW:
+        config = next((value for number, _, value in message_fields(body) if number == 2), b"")
+        entries = [value for number, _, value in message_fields(config) if number == _EXPRESSIONS]
     elif kind == _VALIDATE_EXPRESSIONS:
-        entries = [value for number, _, value in _fields(body) if number == 1]
+        entries = [value for number, _, value in message_fields(body) if number == 1]
     else:
         return []
-    return [next((v.decode() for n, _, v in _fields(entry) if n == 2), "") for entry in entries]
+    return [next((v.decode() for n, _, v in message_fields(entry) if n == 2), "") for entry in entries]
 
 
 # --- Read sizes ---------------------------------------------------------------
@@ -370,7 +370,7 @@ def clamp_viewport(viewport: dict[int, int], columns: int, max_cells: int) -> di
     return {1: start_row, 2: start_col, 3: end_row, 4: start_col + width}
 
 
-def _encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
+def encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
     out = bytearray()
     for number, wire_type, value in fields:
         out += _encode_varint(number << 3 | wire_type)
@@ -380,15 +380,15 @@ def _encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
 
 def clamp_read(data: bytes, columns: int, max_cells: int) -> bytes:
     """`data` (a well-formed read request) with its viewport clamped."""
-    request = list(_fields(data))
+    request = list(message_fields(data))
     for i, (number, wire_type, body) in enumerate(request):
         if number in _READS:
-            fields = list(_fields(body))
-            viewport = next((dict((n, v) for n, _, v in _fields(value)) for n, _, value in fields if n == 1), {})
-            clamped = _encode_message([(n, 0, v) for n, v in sorted(clamp_viewport(viewport, columns, max_cells).items())])
+            fields = list(message_fields(body))
+            viewport = next((dict((n, v) for n, _, v in message_fields(value)) for n, _, value in fields if n == 1), {})
+            clamped = encode_message([(n, 0, v) for n, v in sorted(clamp_viewport(viewport, columns, max_cells).items())])
             fields = [(1, 2, clamped)] + [field for field in fields if field[0] != 1]
-            request[i] = (number, wire_type, _encode_message(fields))
-    return _encode_message(request)
+            request[i] = (number, wire_type, encode_message(fields))
+    return encode_message(request)
 
 
 # --- The gate -----------------------------------------------------------------
@@ -444,8 +444,8 @@ class ViewerGate:
                         check_expression(expression, self.max_expression_length)
                 except RefusedExpression as error:
                     return f"expression refused: {error}"
-            if kind == _MAKE_VIEW:
-                view_id = next((value for number, _, value in _fields(body) if number == 1), b"")
+            if kind == MAKE_VIEW:
+                view_id = next((value for number, _, value in message_fields(body) if number == 1), b"")
                 if not view_id or view_id in self.views or msg_id in self._view_messages:
                     return f"{READ_ONLY}: view id or message id already used"
                 if len(self.live_views) >= self.max_views:
@@ -461,7 +461,7 @@ class ViewerGate:
             return f"{READ_ONLY}: not a view of this connection"
         if entity_id in self.closed_views:
             return self.closed_views[entity_id]
-        if kind == _VIEW_DELETE:
+        if kind == VIEW_DELETE:
             self.live_views.discard(entity_id)
         elif kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
             return self._count_subscription(entity_id, kind)
@@ -500,7 +500,7 @@ def refusal(data: bytes, message: str = READ_ONLY) -> bytes | None:
     even valid protobuf. (A message id of 0 is absent on the wire.)"""
     msg_id, entity_id = 0, b""
     try:
-        for number, wire_type, value in _fields(data):
+        for number, wire_type, value in message_fields(data):
             if number == 1 and wire_type == 0:
                 msg_id = value
             elif number == 2 and wire_type == 2:

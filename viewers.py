@@ -45,6 +45,8 @@ import read_only
 
 log = logging.getLogger("server")
 
+HEAVY_REQUEST_S = 0.01  # a request that held Perspective longer is followed by a rest
+
 
 @dataclass(frozen=True)
 class ViewerLimits:
@@ -134,21 +136,21 @@ class Viewers:
 def _message_id(response: bytes) -> int | None:
     """Field 1 (msg_id) of a Perspective Response, read without a protobuf library."""
     try:
-        return next((value for number, _, value in read_only._fields(response) if number == 1), 0)
+        return next((value for number, _, value in read_only.message_fields(response) if number == 1), 0)
     except read_only.MalformedRequest:
         return None
 
 
 def _request(msg_id: int, view_id: bytes, kind: int) -> bytes:
     """A Request with an empty body, e.g. view_dimensions (12) or view_delete (11)."""
-    return read_only._encode_message([(1, 0, msg_id), (2, 2, view_id), (kind, 2, b"")])
+    return read_only.encode_message([(1, 0, msg_id), (2, 2, view_id), (kind, 2, b"")])
 
 
 def _dimensions(response: bytes) -> tuple[int, int] | None:
     """(view rows, view columns) from a ViewDimensionsResp (Response field 12)."""
-    for number, _, value in read_only._fields(response):
+    for number, _, value in read_only.message_fields(response):
         if number == 12:
-            fields = {n: v for n, _, v in read_only._fields(value)}
+            fields = {n: v for n, _, v in read_only.message_fields(value)}
             return fields.get(3, 0), fields.get(4, 0)
     return None
 
@@ -219,10 +221,10 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         request = self.gate.request
         follow_up = None
         msg_id, _, kind, body = read_only.parse_request(request)
-        if kind == read_only._MAKE_VIEW:
+        if kind == read_only.MAKE_VIEW:
             # A view's size is known only once it exists: ask for its
             # dimensions right behind it, and hold the reply until then.
-            view_id = next(value for number, _, value in read_only._fields(body) if number == 1)
+            view_id = next(value for number, _, value in read_only.message_fields(body) if number == 1)
             size_check = self._own_id()
             self.size_checks[size_check] = (view_id, msg_id, request)
             self.held[msg_id] = b""
@@ -237,9 +239,18 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         session = self.session
         if session is None:  # the viewer left while this waited
             return
+        started = time.perf_counter()
         session.handle_request(request)
         if follow_up is not None:
             session.handle_request(follow_up)
+        # Perspective's lock is not fair: a worker going from one heavy
+        # request straight to the next can keep the sync thread off the table
+        # for a whole burst (16 new pivot views: about a second). Resting as
+        # long as a heavy request took gives heavy work at most half the
+        # server's time, and lets updates in between.
+        spent = time.perf_counter() - started
+        if spent > HEAVY_REQUEST_S:
+            time.sleep(min(spent, 1.0))
 
     def _ran(self):
         self.in_flight -= 1
@@ -294,7 +305,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         reason = (f"view too large: {rows:,} rows x {columns:,} columns (limits {limits.view_columns:,} columns, "
                   f"{limits.view_cells:,} cells); group or filter more, or split by a column with fewer values")
         self.gate.close_view(view_id, reason)
-        self.worker.submit(self._run, _request(self._own_id(), view_id, read_only._VIEW_DELETE))
+        self.worker.submit(self._run, _request(self._own_id(), view_id, read_only.VIEW_DELETE))
         self._refuse(request, reason)
 
     def _write(self, payload: bytes) -> None:
