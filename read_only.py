@@ -398,7 +398,7 @@ class ViewerGate:
     tables and about views this connection created, within the limits."""
 
     def __init__(self, tables, max_views: int = 1 << 30, max_subscriptions: int = 1 << 30,
-                 max_expression_length: int = 1000, check_expressions: bool = True,
+                 max_expression_length: int = 1000, max_expressions: int = 1 << 30, check_expressions: bool = True,
                  max_read_cells: int = 1 << 62):
         self.tables = {name.encode() for name in tables}
         self.views: set[bytes] = set()
@@ -409,6 +409,7 @@ class ViewerGate:
         self.closed_views: dict[bytes, str] = {}
         self.max_views, self.max_subscriptions = max_views, max_subscriptions
         self.max_expression_length, self.check_expressions = max_expression_length, check_expressions
+        self.max_expressions = max_expressions
         self.max_read_cells = max_read_cells
         self.reason: str | None = None
         self.request: bytes = b""
@@ -439,8 +440,12 @@ class ViewerGate:
             if kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
                 return self._count_subscription(entity_id, kind)
             if self.check_expressions:
+                expressions = expressions_in(kind, body)
+                if len(expressions) > self.max_expressions:
+                    # Each costs up to its length per row: bound the sum, not just each one.
+                    return f"too many expressions in one request (limit {self.max_expressions})"
                 try:
-                    for expression in expressions_in(kind, body):
+                    for expression in expressions:
                         check_expression(expression, self.max_expression_length)
                 except RefusedExpression as error:
                     return f"expression refused: {error}"

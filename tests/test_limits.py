@@ -166,11 +166,16 @@ def test_a_read_without_an_end_gets_the_first_page():
 
 def test_a_view_with_too_many_columns_is_refused_and_deleted():
     async def scenario():
-        http, port, _ = await serve(ViewerLimits(view_columns=50))
+        http, port, _ = await serve(ViewerLimits(view_columns=20))
         client, socket, reader = await open_viewer(port)
         table = await client.open_table(TABLE)
-        with refused("view too large: .* 200 columns"):
+        with refused("view too large: split_by close makes 100 x 2 columns"):
             await asyncio.wait_for(table.view(split_by=["close"]), 10)  # 100 prices x 2 columns
+        with refused("view too large: 6 rows x 32 columns"):  # no split: caught by the size check
+            await asyncio.wait_for(table.view(group_by=["ticker"], expressions={
+                f"c{i}": f"{i}" for i in range(30)}), 10)
+        with refused("too many expressions"):
+            await asyncio.wait_for(table.view(expressions={f"c{i}": f"{i}" for i in range(33)}), 10)
         narrow = await table.view(group_by=["ticker"], split_by=["ticker"])  # 5 x 2 columns: fine
         size = await narrow.num_rows()
         socket.close(), reader.cancel(), http.stop()
