@@ -26,7 +26,8 @@ connection may ask for (the limits are ViewerLimits in viewers.py):
   an expression must parse as a small arithmetic language (column names,
   numbers, strings, + - * / and parentheses, and a short list of functions
   such as bucket()), which costs a bounded amount per row;
-* views per connection and update subscriptions per view;
+* views per connection, and subscriptions (on_update, on_delete) per view
+  or table;
 * reads: a read asks for a viewport (rows and columns); one without an end,
   or a larger one, is cut to at most `max_read_cells` cells, so a viewer
   gets the first pages of a huge view, never the whole of it at once.
@@ -34,6 +35,7 @@ connection may ask for (the limits are ViewerLimits in viewers.py):
 
 from __future__ import annotations
 
+import collections
 import re
 from collections.abc import Iterator
 
@@ -96,11 +98,13 @@ VIEWER_REQUESTS = {
 }
 _ABOUT_SERVER = {3, 4, 17, 37}
 _ABOUT_TABLE = {5, 6, 7, 8, 9, 29, 30}
-_MAKE_VIEW = 6
+MAKE_VIEW = 6
 _VALIDATE_EXPRESSIONS = 9
-_VIEW_DELETE = 11
-_ON_UPDATE = 21
-_REMOVE_ON_UPDATE = 22
+VIEW_DELETE = 11
+# Subscriptions, and the request that ends each: view on_update, table and
+# view on_delete. Each costs the server a callback for as long as it lasts.
+_SUBSCRIBE = {21: "update", 29: "delete", 34: "delete"}
+_UNSUBSCRIBE = {22: 21, 30: 29, 35: 34}
 # Reads whose field 1 is a viewport (to_arrow, to_columns, to_csv, to_rows, to_ndjson).
 _READS = {16, 24, 25, 26, 36}
 _EXPRESSIONS = 6  # field of the view config (a map: name -> expression)
@@ -127,7 +131,7 @@ def _varint(data: bytes, at: int) -> tuple[int, int]:
             return value, at
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+def message_fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
     """Yields (field number, wire type, value) for each field of a message."""
     at = 0
     while at < len(data):
@@ -156,7 +160,7 @@ def _check(data: bytes, layout: dict, depth: int = 0) -> None:
     """Raises MalformedRequest unless `data` is a message of `layout`."""
     if depth > _MAX_DEPTH:
         raise MalformedRequest("nested too deep")
-    for number, wire_type, value in _fields(data):
+    for number, wire_type, value in message_fields(data):
         kind = layout.get(number)
         if kind is None:
             raise MalformedRequest(f"unexpected field {number}")
@@ -176,7 +180,7 @@ def parse_request(data: bytes) -> tuple[int, bytes, int, bytes]:
     """Returns (msg_id, entity_id, request type, request body) of a Request
     a viewer may send; raises MalformedRequest for anything else."""
     msg_id, entity_id, kind, body = 0, b"", None, b""
-    for number, wire_type, value in _fields(data):
+    for number, wire_type, value in message_fields(data):
         if number == 1 and wire_type == 0:
             msg_id = value
         elif number == 2 and wire_type == 2:
@@ -336,14 +340,14 @@ def check_expression(text: str, max_length: int) -> None:
 
 def expressions_in(kind: int, body: bytes) -> list[str]:
     """The expressions a make_view or validate_expr request carries."""
-    if kind == _MAKE_VIEW:
-        config = next((value for number, _, value in _fields(body) if number == 2), b"")
-        entries = [value for number, _, value in _fields(config) if number == _EXPRESSIONS]
+    if kind == MAKE_VIEW:
+        config = next((value for number, _, value in message_fields(body) if number == 2), b"")
+        entries = [value for number, _, value in message_fields(config) if number == _EXPRESSIONS]
     elif kind == _VALIDATE_EXPRESSIONS:
-        entries = [value for number, _, value in _fields(body) if number == 1]
+        entries = [value for number, _, value in message_fields(body) if number == 1]
     else:
         return []
-    return [next((v.decode() for n, _, v in _fields(entry) if n == 2), "") for entry in entries]
+    return [next((v.decode() for n, _, v in message_fields(entry) if n == 2), "") for entry in entries]
 
 
 # --- Read sizes ---------------------------------------------------------------
@@ -366,7 +370,7 @@ def clamp_viewport(viewport: dict[int, int], columns: int, max_cells: int) -> di
     return {1: start_row, 2: start_col, 3: end_row, 4: start_col + width}
 
 
-def _encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
+def encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
     out = bytearray()
     for number, wire_type, value in fields:
         out += _encode_varint(number << 3 | wire_type)
@@ -376,15 +380,15 @@ def _encode_message(fields: list[tuple[int, int, int | bytes]]) -> bytes:
 
 def clamp_read(data: bytes, columns: int, max_cells: int) -> bytes:
     """`data` (a well-formed read request) with its viewport clamped."""
-    request = list(_fields(data))
+    request = list(message_fields(data))
     for i, (number, wire_type, body) in enumerate(request):
         if number in _READS:
-            fields = list(_fields(body))
-            viewport = next((dict((n, v) for n, _, v in _fields(value)) for n, _, value in fields if n == 1), {})
-            clamped = _encode_message([(n, 0, v) for n, v in sorted(clamp_viewport(viewport, columns, max_cells).items())])
+            fields = list(message_fields(body))
+            viewport = next((dict((n, v) for n, _, v in message_fields(value)) for n, _, value in fields if n == 1), {})
+            clamped = encode_message([(n, 0, v) for n, v in sorted(clamp_viewport(viewport, columns, max_cells).items())])
             fields = [(1, 2, clamped)] + [field for field in fields if field[0] != 1]
-            request[i] = (number, wire_type, _encode_message(fields))
-    return _encode_message(request)
+            request[i] = (number, wire_type, encode_message(fields))
+    return encode_message(request)
 
 
 # --- The gate -----------------------------------------------------------------
@@ -394,17 +398,18 @@ class ViewerGate:
     tables and about views this connection created, within the limits."""
 
     def __init__(self, tables, max_views: int = 1 << 30, max_subscriptions: int = 1 << 30,
-                 max_expression_length: int = 1000, check_expressions: bool = True,
+                 max_expression_length: int = 1000, max_expressions: int = 1 << 30, check_expressions: bool = True,
                  max_read_cells: int = 1 << 62):
         self.tables = {name.encode() for name in tables}
         self.views: set[bytes] = set()
         self._view_messages: set[int] = set()
         self.live_views: set[bytes] = set()
-        self.subscriptions: dict[bytes, int] = {}
+        self.subscriptions: collections.Counter = collections.Counter()  # (entity, kind) -> count
         self.view_columns: dict[bytes, int] = {}
         self.closed_views: dict[bytes, str] = {}
         self.max_views, self.max_subscriptions = max_views, max_subscriptions
         self.max_expression_length, self.check_expressions = max_expression_length, check_expressions
+        self.max_expressions = max_expressions
         self.max_read_cells = max_read_cells
         self.reason: str | None = None
         self.request: bytes = b""
@@ -420,7 +425,6 @@ class ViewerGate:
         """The handler deleted this view (too large); later requests about it are refused."""
         self.closed_views[view_id] = why
         self.live_views.discard(view_id)
-        self.subscriptions.pop(view_id, None)
 
     def _refuse(self, data: bytes) -> str | None:
         """None to let the request through, else why not."""
@@ -433,14 +437,20 @@ class ViewerGate:
         if kind in _ABOUT_TABLE:
             if entity_id not in self.tables:
                 return f"{READ_ONLY}: not a hosted table"
+            if kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
+                return self._count_subscription(entity_id, kind)
             if self.check_expressions:
+                expressions = expressions_in(kind, body)
+                if len(expressions) > self.max_expressions:
+                    # Each costs up to its length per row: bound the sum, not just each one.
+                    return f"too many expressions in one request (limit {self.max_expressions})"
                 try:
-                    for expression in expressions_in(kind, body):
+                    for expression in expressions:
                         check_expression(expression, self.max_expression_length)
                 except RefusedExpression as error:
                     return f"expression refused: {error}"
-            if kind == _MAKE_VIEW:
-                view_id = next((value for number, _, value in _fields(body) if number == 1), b"")
+            if kind == MAKE_VIEW:
+                view_id = next((value for number, _, value in message_fields(body) if number == 1), b"")
                 if not view_id or view_id in self.views or msg_id in self._view_messages:
                     return f"{READ_ONLY}: view id or message id already used"
                 if len(self.live_views) >= self.max_views:
@@ -456,17 +466,22 @@ class ViewerGate:
             return f"{READ_ONLY}: not a view of this connection"
         if entity_id in self.closed_views:
             return self.closed_views[entity_id]
-        if kind == _VIEW_DELETE:
+        if kind == VIEW_DELETE:
             self.live_views.discard(entity_id)
-            self.subscriptions.pop(entity_id, None)
-        elif kind == _ON_UPDATE:
-            if self.subscriptions.get(entity_id, 0) >= self.max_subscriptions:
-                return f"too many update subscriptions on one view (limit {self.max_subscriptions})"
-            self.subscriptions[entity_id] = self.subscriptions.get(entity_id, 0) + 1
-        elif kind == _REMOVE_ON_UPDATE:
-            self.subscriptions[entity_id] = max(0, self.subscriptions.get(entity_id, 0) - 1)
+        elif kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
+            return self._count_subscription(entity_id, kind)
         elif kind in _READS:
             self.request = clamp_read(data, self.view_columns.get(entity_id, 1 << 20), self.max_read_cells)
+        return None
+
+    def _count_subscription(self, entity_id: bytes, kind: int) -> str | None:
+        if kind in _UNSUBSCRIBE:
+            key = (entity_id, _UNSUBSCRIBE[kind])
+            self.subscriptions[key] = max(0, self.subscriptions[key] - 1)
+            return None
+        if self.subscriptions[entity_id, kind] >= self.max_subscriptions:
+            return f"too many {_SUBSCRIBE[kind]} subscriptions on one view or table (limit {self.max_subscriptions})"
+        self.subscriptions[entity_id, kind] += 1
         return None
 
 
@@ -490,7 +505,7 @@ def refusal(data: bytes, message: str = READ_ONLY) -> bytes | None:
     even valid protobuf. (A message id of 0 is absent on the wire.)"""
     msg_id, entity_id = 0, b""
     try:
-        for number, wire_type, value in _fields(data):
+        for number, wire_type, value in message_fields(data):
             if number == 1 and wire_type == 0:
                 msg_id = value
             elif number == 2 and wire_type == 2:

@@ -45,6 +45,8 @@ import read_only
 
 log = logging.getLogger("server")
 
+HEAVY_REQUEST_S = 0.01  # a request that held Perspective longer is followed by a rest
+
 
 @dataclass(frozen=True)
 class ViewerLimits:
@@ -59,12 +61,17 @@ class ViewerLimits:
     view_cells: int = 20_000_000         # rows x columns a view may have
     read_cells: int = 1_000_000          # cells one read may return (a page of the view)
     expression_length: int = 500         # characters per expression
+    expressions_per_view: int = 32       # expressions in one view (or one validation request)
     expressions: bool = True             # check expressions against the allowlist
     send_buffer: int = 32 << 20          # bytes waiting to be sent before the socket is closed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --max-* flags of perspective_server.py, one per ViewerLimits field."""
+    """The --max-* flags of perspective_server.py, one per numeric ViewerLimits field.
+
+    `expressions` has no flag: the expression check stays on for the live
+    table; a route whose server computes no expressions (history) may turn it off.
+    """
     defaults = ViewerLimits()
     group = parser.add_argument_group("limits per viewer (each refusal is logged and answered with an error)")
     for flag, field, text in (
@@ -77,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--max-view-cells", "view_cells", "rows x columns a view may have"),
         ("--max-read-cells", "read_cells", "cells one read returns; larger reads get the first page"),
         ("--max-expression-length", "expression_length", "characters in one computed-column expression"),
+        ("--max-expressions-per-view", "expressions_per_view", "computed columns in one view"),
         ("--max-send-buffer", "send_buffer", "bytes queued for a viewer that does not read; then it is closed"),
     ):
         group.add_argument(flag, type=int, default=getattr(defaults, field), metavar="N", dest=f"limit_{field}",
@@ -97,6 +105,7 @@ class Viewers:
     by_address: collections.Counter = collections.Counter()
     refused = 0
     workers: dict[int, tuple[perspective.Server, ThreadPoolExecutor]] = {}
+    probes: dict[int, object] = {}  # id(server) -> its local client, used on the worker only
     _last_connection_log = 0.0
 
     @classmethod
@@ -129,26 +138,44 @@ class Viewers:
         for _, worker in cls.workers.values():
             worker.shutdown(wait=True)
         cls.workers.clear()
+        cls.probes.clear()
 
 
 def _message_id(response: bytes) -> int | None:
     """Field 1 (msg_id) of a Perspective Response, read without a protobuf library."""
     try:
-        return next((value for number, _, value in read_only._fields(response) if number == 1), 0)
+        return next((value for number, _, value in read_only.message_fields(response) if number == 1), 0)
     except read_only.MalformedRequest:
         return None
 
 
 def _request(msg_id: int, view_id: bytes, kind: int) -> bytes:
     """A Request with an empty body, e.g. view_dimensions (12) or view_delete (11)."""
-    return read_only._encode_message([(1, 0, msg_id), (2, 2, view_id), (kind, 2, b"")])
+    return read_only.encode_message([(1, 0, msg_id), (2, 2, view_id), (kind, 2, b"")])
+
+
+def _split_of(table: bytes, make_view_body: bytes) -> dict | None:
+    """The table, split_by, shown columns and expressions of a make_view
+    request, or None when it has no split_by."""
+    config = next((value for number, _, value in read_only.message_fields(make_view_body) if number == 2), b"")
+    split_by, columns, expressions = [], [], {}
+    for number, _, value in read_only.message_fields(config):
+        if number == 2:
+            split_by.append(value.decode())
+        elif number == 3:
+            columns.append(value)
+        elif number == 6:
+            entry = {n: v.decode() for n, _, v in read_only.message_fields(value)}
+            expressions[entry.get(1, "")] = entry.get(2, "")
+    return {"table": table.decode(), "split_by": split_by, "columns": columns, "expressions": expressions} \
+        if split_by else None
 
 
 def _dimensions(response: bytes) -> tuple[int, int] | None:
     """(view rows, view columns) from a ViewDimensionsResp (Response field 12)."""
-    for number, _, value in read_only._fields(response):
+    for number, _, value in read_only.message_fields(response):
         if number == 12:
-            fields = {n: v for n, _, v in read_only._fields(value)}
+            fields = {n: v for n, _, v in read_only.message_fields(value)}
             return fields.get(3, 0), fields.get(4, 0)
     return None
 
@@ -191,7 +218,8 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         limits = self.limits
         self.gate = read_only.ViewerGate(
             self.tables, max_views=limits.views, max_subscriptions=limits.subscriptions,
-            max_expression_length=limits.expression_length, check_expressions=limits.expressions,
+            max_expression_length=limits.expression_length, max_expressions=limits.expressions_per_view,
+            check_expressions=limits.expressions,
             max_read_cells=limits.read_cells)
         self.refused = 0
         self.in_flight = 0          # requests handed to the worker, not yet run
@@ -218,31 +246,87 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
             return self._refuse(message, self.gate.reason)
         request = self.gate.request
         follow_up = None
-        msg_id, _, kind, body = read_only.parse_request(request)
-        if kind == read_only._MAKE_VIEW:
+        msg_id, entity_id, kind, body = read_only.parse_request(request)
+        split = None
+        if kind == read_only.MAKE_VIEW:
             # A view's size is known only once it exists: ask for its
             # dimensions right behind it, and hold the reply until then.
-            view_id = next(value for number, _, value in read_only._fields(body) if number == 1)
+            view_id = next(value for number, _, value in read_only.message_fields(body) if number == 1)
             size_check = self._own_id()
             self.size_checks[size_check] = (view_id, msg_id, request)
             self.held[msg_id] = b""
             follow_up = _request(size_check, view_id, 12)
+            split = _split_of(entity_id, body)
         self.in_flight += 1
-        self.worker.submit(self._run, request, follow_up).add_done_callback(
+        self.worker.submit(self._run, request, follow_up, split).add_done_callback(
             lambda _: self.loop.add_callback(self._ran))
 
-    def _run(self, request: bytes, follow_up: bytes | None = None) -> None:
+    def _run(self, request: bytes, follow_up: bytes | None = None, split: dict | None = None) -> None:
         """On the worker thread: one request, and maybe one of the handler's
         own right behind it on the same session."""
         session = self.session
         if session is None:  # the viewer left while this waited
             return
-        session.handle_request(request)
-        if follow_up is not None:
-            session.handle_request(follow_up)
+        started = time.perf_counter()
+        too_wide = split and self._split_too_wide(split)
+        if too_wide:
+            self.loop.add_callback(self._refuse_view, request, follow_up, too_wide)
+        else:
+            session.handle_request(request)
+            if follow_up is not None:
+                session.handle_request(follow_up)
+        # Perspective's lock is not fair: a worker going from one heavy
+        # request straight to the next can keep the sync thread off the table
+        # for a whole burst (16 new pivot views: about a second). Resting as
+        # long as a heavy request took gives heavy work at most half the
+        # server's time, and lets updates in between.
+        spent = time.perf_counter() - started
+        if spent > HEAVY_REQUEST_S:
+            time.sleep(min(spent, 1.0))
 
     def _ran(self):
         self.in_flight -= 1
+
+    def _split_too_wide(self, split: dict) -> str | None:
+        """On the worker: why a split_by would make too many columns, or None.
+
+        The size check after creation catches every oversized view, but by
+        then Perspective has built it: 100,000 columns hold the server for
+        about a second. For a split, the columns are (distinct values of the
+        split columns) x (columns shown), and a small group-by view of the
+        same table counts the distinct values first, in milliseconds. Only
+        for a Perspective server with a local client; others rely on the
+        size check alone.
+        """
+        if not hasattr(self.server, "new_local_client"):
+            return None
+        probes = Viewers.probes
+        if id(self.server) not in probes:
+            probes[id(self.server)] = self.server.new_local_client()
+        try:
+            table = probes[id(self.server)].open_table(split["table"])
+            probe = table.view(group_by=split["split_by"], columns=[], expressions=split["expressions"])
+            try:
+                values = probe.num_rows() - 1  # less the total row
+            finally:
+                probe.delete()
+            shown = len(split["columns"]) or len(table.columns()) + len(split["expressions"])
+        except perspective.PerspectiveError:
+            return None  # an invalid config: Perspective's own answer says why
+        if values * shown > self.limits.view_columns:
+            return (f"view too large: split_by {', '.join(split['split_by'])} makes {values:,} x {shown} columns "
+                    f"(limit {self.limits.view_columns:,}); split by a column with fewer values")
+        return None
+
+    def _refuse_view(self, request: bytes, follow_up: bytes, reason: str) -> None:
+        msg_id, _, _, body = read_only.parse_request(request)
+        view_id = next(value for number, _, value in read_only.message_fields(body) if number == 1)
+        size_check = read_only.parse_request(follow_up)[0]
+        self.held.pop(msg_id, None)
+        self.size_checks.pop(size_check, None)
+        self.own_ids.discard(size_check)
+        self.gate.close_view(view_id, reason)
+        self._refuse(request, reason)
 
     def _refuse(self, message: bytes, reason: str) -> None:
         if not self.refused:  # once per connection: enough to see who and why
@@ -294,7 +378,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         reason = (f"view too large: {rows:,} rows x {columns:,} columns (limits {limits.view_columns:,} columns, "
                   f"{limits.view_cells:,} cells); group or filter more, or split by a column with fewer values")
         self.gate.close_view(view_id, reason)
-        self.worker.submit(self._run, _request(self._own_id(), view_id, read_only._VIEW_DELETE))
+        self.worker.submit(self._run, _request(self._own_id(), view_id, read_only.VIEW_DELETE))
         self._refuse(request, reason)
 
     def _write(self, payload: bytes) -> None:

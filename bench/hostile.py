@@ -24,11 +24,14 @@ The attacks, each one client sending what the read-only gate lets through:
 
 Per attack and server: victim updates and lag p50/p95 during the attack
 (and after), server RSS and CPU before, during (max RSS, mean CPU) and
-after, what the attacker got (e.g. "refused: too many views"), and whether
-SIGINT stopped the server.
+after, what the attacker got (e.g. "refused: too many views"), whether
+SIGINT stopped the server, and from the server's log how many "Task
+exception was never retrieved" tracebacks it wrote and how many viewers it
+closed for falling behind.
 
-"old" is the code on branch `main` (checked out to a temporary `git worktree`,
-removed afterwards), "new" is this working tree. Everything is bounded in
+"old" is the last commit before the viewer limits, 4ee2ee4 (--old-ref;
+checked out to a temporary `git worktree`, removed afterwards), "new" is
+this working tree. Everything is bounded in
 time and count and talks only to 127.0.0.1.
 
     python bench/hostile.py                   # both servers, every attack, about 12 minutes
@@ -57,6 +60,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests")]
 
 TABLE = "stock_values"
+OLD_REF = "4ee2ee4"  # the last commit before the viewer limits (main has them since)
 TARGET_P95_MS = 1000
 TARGET_RSS_MB = 300  # above the before-attack RSS
 
@@ -393,6 +397,7 @@ async def run_one(code_dir: Path, attack: str, args, scratch: Path) -> dict:
         "during": {**lag_figures(samples, t1, t2), **during}, "after": {**lag_figures(samples, t2, t3), **after},
         "attacker_got": outcome if isinstance(outcome, str) else "(attack still running when its time ran out)",
         "sigint": stopped, "never_retrieved": text.count("Task exception was never retrieved"),
+        "slow_viewers_closed": text.count("--max-send-buffer"),
     }
 
 
@@ -410,13 +415,15 @@ def old_checkout(ref: str):
 
 def print_table(results: list[dict]) -> None:
     header = ("attack", "server", "victim upd (before/during/after)", "lag p95 ms during (p50)",
-              "RSS MB before/max/after", "CPU % before/during", "SIGINT", "attacker got")
+              "RSS MB before/max/after", "CPU % before/during", "SIGINT", "never retrieved / slow closed",
+              "attacker got")
     rows = []
     for r in results:
         b, d, a = r["before"], r["during"], r["after"]
         rows.append((r["attack"], r["server"], f"{b['updates']}/{d['updates']}/{a['updates']}",
                      f"{d['lag_p95_ms']} ({d['lag_p50_ms']})", f"{b['rss_mb']}/{d['rss_mb']}/{a['rss_mb']}",
-                     f"{b['cpu_pct']}/{d['cpu_pct']}", r["sigint"], r["attacker_got"]))
+                     f"{b['cpu_pct']}/{d['cpu_pct']}", r["sigint"],
+                     f"{r['never_retrieved']} / {r['slow_viewers_closed']}", r["attacker_got"]))
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -461,7 +468,7 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="+", choices=list(ATTACKS), metavar="ATTACK",
                         help=f"run only these ({', '.join(ATTACKS)})")
     parser.add_argument("--servers", nargs="+", choices=["old", "new"], default=["old", "new"])
-    parser.add_argument("--old-ref", default="main", help="git ref of the old server (default main)")
+    parser.add_argument("--old-ref", default=OLD_REF, help=f"git ref of the old server (default {OLD_REF})")
     parser.add_argument("--seconds", type=float, default=20, help="attack duration (default 20)")
     parser.add_argument("--settle", type=float, default=6, help="seconds measured before and after (default 6)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every attack's count (default 1)")

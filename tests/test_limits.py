@@ -23,6 +23,8 @@ bench/hostile.py measured growth of tens of MB.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import perspective
@@ -164,11 +166,16 @@ def test_a_read_without_an_end_gets_the_first_page():
 
 def test_a_view_with_too_many_columns_is_refused_and_deleted():
     async def scenario():
-        http, port, _ = await serve(ViewerLimits(view_columns=50))
+        http, port, _ = await serve(ViewerLimits(view_columns=20))
         client, socket, reader = await open_viewer(port)
         table = await client.open_table(TABLE)
-        with refused("view too large: .* 200 columns"):
+        with refused("view too large: split_by close makes 100 x 2 columns"):
             await asyncio.wait_for(table.view(split_by=["close"]), 10)  # 100 prices x 2 columns
+        with refused("view too large: 6 rows x 32 columns"):  # no split: caught by the size check
+            await asyncio.wait_for(table.view(group_by=["ticker"], expressions={
+                f"c{i}": f"{i}" for i in range(30)}), 10)
+        with refused("too many expressions"):
+            await asyncio.wait_for(table.view(expressions={f"c{i}": f"{i}" for i in range(33)}), 10)
         narrow = await table.view(group_by=["ticker"], split_by=["ticker"])  # 5 x 2 columns: fine
         size = await narrow.num_rows()
         socket.close(), reader.cancel(), http.stop()
@@ -207,6 +214,21 @@ def test_views_per_connection_and_subscriptions_per_view_are_capped():
     fired, errors = asyncio.run(scenario())
     assert fired == {0, 1}
     assert len(errors) == 3 and all("too many update subscriptions" in error for error in errors), errors
+
+
+def test_delete_subscriptions_are_capped_too():
+    async def scenario():
+        http, port, _ = await serve(ViewerLimits(subscriptions=2))
+        client, socket, reader, errors = await sturdy_viewer(port)
+        table = await client.open_table(TABLE)
+        for _ in range(3):
+            await table.on_delete(lambda: None)
+        await table.size()  # every subscription request has been handled
+        socket.close(), reader.cancel(), http.stop()
+        return errors
+
+    errors = asyncio.run(scenario())
+    assert len(errors) == 1 and "too many delete subscriptions" in errors[0], errors
 
 
 def test_connections_per_address_are_capped_and_freed_on_close():
@@ -461,3 +483,11 @@ def test_after_every_attack_the_server_stops_on_sigint(server):
     log = server.log()
     assert "Task exception was never retrieved" not in log
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_a_limit_below_one_is_one_clear_line_and_exit_2():
+    result = subprocess.run([sys.executable, "perspective_server.py", "--max-views", "0"], cwd=servers.REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "--max-views must be at least 1" in result.stderr
+    assert "Traceback" not in result.stderr

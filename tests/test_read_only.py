@@ -167,14 +167,14 @@ async def recording_viewer(port: int):
 
 
 def raw_request(msg_id: int, entity_id: bytes, kind: int, body: bytes = b"") -> bytes:
-    return read_only._encode_message([(1, 0, msg_id), (2, 2, entity_id), (kind, 2, body)])
+    return read_only.encode_message([(1, 0, msg_id), (2, 2, entity_id), (kind, 2, body)])
 
 
 def error_of(response: bytes) -> str | None:
     """The ServerError message of a Response, None if it is not an error."""
-    for number, _, value in read_only._fields(response):
+    for number, _, value in read_only.message_fields(response):
         if number == 50:
-            return next(v.decode() for n, _, v in read_only._fields(value) if n == 1)
+            return next(v.decode() for n, _, v in read_only.message_fields(value) if n == 1)
     return None
 
 
@@ -191,7 +191,7 @@ def test_a_connection_cannot_touch_another_connection_view_or_an_unlisted_table(
         owner, owner_socket, owner_reader, sent = await recording_viewer(port)
         view = await (await owner.open_table("stock_values")).view(columns=["close"])
         make_view_body = next(body for _, _, kind, body in map(read_only.parse_request, sent) if kind == 6)
-        view_id = next(value for number, _, value in read_only._fields(make_view_body) if number == 1)
+        view_id = next(value for number, _, value in read_only.message_fields(make_view_body) if number == 1)
 
         intruder = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
             f"ws://127.0.0.1:{port}/websocket", headers={"Origin": f"http://127.0.0.1:{port}"}))
