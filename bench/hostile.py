@@ -38,6 +38,15 @@ time and count and talks only to 127.0.0.1.
     python bench/hostile.py --only while_loop --servers new
     python bench/hostile.py --smoke           # CI: new server, small attacks, about 2 minutes
     python bench/hostile.py --json hostile.json
+
+Sample (2 shared cores, load average 4-9; columns abridged; the README's
+Reliability and security section has the whole table):
+
+    attack       server  victim upd (before/during/after)  lag p95 ms during (p50)  RSS MB before/max/after  SIGINT
+    split_close  old     12/1/0                            177 (177)                446/2491/3655            needed kill
+    split_close  new     13/39/12                          498 (158)                456/455/454              stopped on SIGINT
+    unread       old     13/1/0                            5390 (5390)              451/1251/1544            stopped on SIGINT
+    unread       new     13/40/12                          215 (96)                 450/481/461              stopped on SIGINT
 """
 
 from __future__ import annotations
