@@ -481,7 +481,7 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, default=20, help="attack duration (default 20)")
     parser.add_argument("--settle", type=float, default=6, help="seconds measured before and after (default 6)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every attack's count (default 1)")
-    parser.add_argument("--smoke", action="store_true", help="new server only, 4 s attacks at 1/10 scale")
+    parser.add_argument("--smoke", action="store_true", help="new server only, 2 s attacks at 1/10 scale")
     parser.add_argument("--json", metavar="PATH", help="write results and summary here")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the server logs here")
     parser.add_argument("--victim", type=int, help=argparse.SUPPRESS)
@@ -489,7 +489,7 @@ def parse_args(argv=None):
     parser.add_argument("--victim-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.servers, args.seconds, args.settle, args.scale = ["new"], 4, 3, 0.1
+        args.servers, args.seconds, args.settle, args.scale = ["new"], 2, 2, 0.1
     return args
 
 
