@@ -471,6 +471,7 @@ class HistoryHandler:
     def __init__(self, history: "History"):
         self.history = history
         self.views: dict[str, ViewQuery] = {}
+        self.made: set[str] = set()  # view ids the VirtualServer holds (made, not deleted)
         self.failure: str | None = None  # why the last request failed, in our words
 
     def _table(self, name: str) -> dict[str, Column]:
@@ -492,6 +493,7 @@ class HistoryHandler:
         return self.history.count(f"SELECT count() FROM {quote(self.history.table)}")
 
     def table_make_view(self, table_name, view_name, config):
+        self.made.add(view_name)  # the VirtualServer keeps it, even if it fails here
         columns = self._table(table_name)
         config = checked_config(config, columns)
         values, left_out = [], 0
@@ -518,6 +520,7 @@ class HistoryHandler:
 
     def view_delete(self, view_name):
         self.views.pop(view_name, None)
+        self.made.discard(view_name)
 
     def view_get_data(self, view_name, config, schema, viewport, data):
         view = self._view(view_name)
@@ -602,15 +605,30 @@ class HistorySession:
                     self.busy = False
                     return
                 message = self.pending.popleft()
-            answer = self._answer(message)
+            try:
+                answer = self._answer(message)
+            except BaseException:
+                with self.lock:
+                    self.busy = False
+                raise
             if answer is not None and not self.closed:
                 self.callback(answer)
 
     def _answer(self, message: bytes) -> bytes | None:
         self.handler.failure = None
         try:
+            _, entity, _, _ = read_only.parse_request(message)
+        except read_only.MalformedRequest as error:
+            return read_only.refusal(message, f"bad request: {error}")
+        # Perspective's VirtualServer panics on a request about a view it
+        # does not hold (never made, or deleted): answer those here.
+        if entity and entity.decode() != self.history.table and entity.decode() not in self.handler.made:
+            return read_only.refusal(message, "this view is gone; open it again")
+        try:
             answer = self.server.handle_request(message)
-        except Exception as error:  # Perspective raises for a request it cannot decode
+        except BaseException as error:  # noqa: BLE001 - a Rust panic arrives as a BaseException
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
             return read_only.refusal(message, self.handler.failure or f"bad request: {type(error).__name__}")
         if self.handler.failure:
             return read_only.refusal(message, self.handler.failure)

@@ -73,6 +73,7 @@ BENCHMARKS = {
     "poll_cost": ([], ["--smoke"]),
     "producer_capacity": ([], ["--smoke"]),
     "memory": ([], ["--smoke"]),
+    "history": ([], ["--smoke"]),
 }
 
 
