@@ -46,16 +46,17 @@ of columns whose name contains `_`.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from dataclasses import dataclass
+from datetime import date, datetime
 
 import perspective
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import read_only
 from clickhouse_types import Column, map_columns, quote
@@ -441,9 +442,6 @@ def size_sql(view: ViewQuery) -> str:
 
 def _cells(column, kind: str) -> tuple[str, list]:
     """An Arrow column as (the set_col type, Python values) for Perspective."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     if pa.types.is_timestamp(column.type):
