@@ -135,3 +135,46 @@ def test_the_limits_are_enforced_by_clickhouse(new_client):
     with pytest.raises(Exception, match="READONLY|readonly"):
         client.query("CREATE TABLE t (x Int8) ENGINE = Memory", settings=limits.settings())
     assert client.query("SELECT count() FROM numbers(100)", settings=limits.settings()).result_rows == [(100,)]
+
+
+def _history_client(database, limits=history.Limits()):
+    """A perspective.Client speaking the protocol to a history session, in process."""
+    import clickhouse_connect
+    import perspective
+
+    def connect():
+        client = clickhouse_connect.get_client(dsn="chdb://memory")
+        client.database = database
+        return client
+
+    source = history.History(connect, "t", "inserted_at", limits=limits)
+    session = source.new_session(callback=None)
+    client = None
+    client = perspective.Client(lambda request: client.handle_response(session._answer(request)))
+    return source, client
+
+
+def test_a_split_shows_the_most_frequent_values_up_to_the_limit(new_client, database):
+    admin = new_client()
+    admin.command("CREATE TABLE t (inserted_at DateTime64(6), ticker String, x Int32) ENGINE = MergeTree ORDER BY inserted_at")
+    admin.command("INSERT INTO t SELECT now64(6) + toIntervalMicrosecond(number), "
+                  "['A','B','B','C','C','C'][1 + number % 6], 1 FROM numbers(60)")
+    source, client = _history_client(database, history.Limits(split_values=2))
+    view = client.open_table("t").view(columns=["x"], split_by=["ticker"])
+    # C (30 rows) and B (20) are kept, A (10) is left out; columns in Perspective's order.
+    assert [name for name in view.to_columns(start_row=0, end_row=6)] == ["B|x", "C|x"]
+    source.close()
+
+
+def test_the_table_size_is_counted_again_on_every_request(new_client, database):
+    admin = new_client()
+    admin.command("CREATE TABLE t (inserted_at DateTime64(6), x Int32) ENGINE = MergeTree ORDER BY inserted_at")
+    admin.command("INSERT INTO t SELECT now64(6), number FROM numbers(5)")
+    source, client = _history_client(database)
+    table = client.open_table("t")
+    assert table.size() == 5
+    admin.command("INSERT INTO t SELECT now64(6), number FROM numbers(3)")
+    assert table.size() == 8
+    view = table.view(columns=["x"], group_by=["x"])
+    assert view.num_rows() == 1 + 5  # the total and five distinct values
+    source.close()
