@@ -178,3 +178,16 @@ def test_the_table_size_is_counted_again_on_every_request(new_client, database):
     view = table.view(columns=["x"], group_by=["x"])
     assert view.num_rows() == 1 + 5  # the total and five distinct values
     source.close()
+
+
+def test_history_flags(capsys):
+    import perspective_server
+
+    settings, _ = perspective_server.parse_args(["--history-timeout", "3", "--history-max-rows", "500",
+                                                 "--history-max-memory", "64", "--history-split-values", "5"])
+    assert settings.history == history.Limits(timeout=3, max_rows=500, max_memory=64 << 20, split_values=5)
+    assert perspective_server.parse_args(["--no-history"])[0].history is None
+    with pytest.raises(SystemExit) as exit_info:
+        perspective_server.parse_args(["--history-max-rows", "0"])
+    assert exit_info.value.code == 2
+    assert "--history-max-rows" in capsys.readouterr().err
