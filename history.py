@@ -46,16 +46,17 @@ of columns whose name contains `_`.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from dataclasses import dataclass
+from datetime import date, datetime
 
 import perspective
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import read_only
 from clickhouse_types import Column, map_columns, quote
@@ -310,7 +311,6 @@ class ViewQuery:
     names: dict[str, str]         # output alias -> column path the viewer sees
     schema: dict[str, str]        # view_schema for Perspective (see view_query)
     group_levels: int = 0         # len(group_by) when rows carry row paths
-    left_out: int = 0             # split values beyond the limit
 
 
 def checked_config(config: dict, columns: dict[str, Column]) -> dict:
@@ -327,8 +327,10 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
     split_by = [known(c, "split by") for c in config.get("split_by", [])]
     if len(split_by) > 1:
         raise Refused("history splits by one column at a time")
+    # "col asc"/"col desc" order the split-by columns, not the rows: history
+    # keeps split values in Perspective's default order, so those are ignored.
     sort = [(known(name, "sort"), str(direction)) for name, direction in config.get("sort", [])
-            if str(direction) != "none"]
+            if str(direction) != "none" and not str(direction).startswith("col")]
     filters = []
     for name, op, *value in config.get("filter", []):
         filters.append((known(name, "filter"), str(op), value[0] if value else None))
@@ -349,7 +351,7 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
 
 
 def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict,
-               split_values: list | None = None, left_out: int = 0) -> ViewQuery:
+               split_values: list | None = None) -> ViewQuery:
     """The SQL for a checked config. `split_values` (the chosen values of the
     split-by column) is required when the config splits."""
     params = Params()
@@ -395,7 +397,7 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
             names[alias] = name
             schema[name] = kinds[alias]
     select = ", ".join(items) if items else "1 AS __none"
-    view = ViewQuery("", params, kinds, names, schema, left_out=left_out)
+    view = ViewQuery("", params, kinds, names, schema)
 
     if mode == "total":
         view.sql = f"SELECT {select} FROM {source}{where}"
@@ -441,9 +443,6 @@ def size_sql(view: ViewQuery) -> str:
 
 def _cells(column, kind: str) -> tuple[str, list]:
     """An Arrow column as (the set_col type, Python values) for Perspective."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     if pa.types.is_dictionary(column.type):
         column = column.cast(column.type.value_type)
     if pa.types.is_timestamp(column.type):
@@ -471,6 +470,7 @@ class HistoryHandler:
     def __init__(self, history: "History"):
         self.history = history
         self.views: dict[str, ViewQuery] = {}
+        self.made: set[str] = set()  # view ids the VirtualServer holds (made, not deleted)
         self.failure: str | None = None  # why the last request failed, in our words
 
     def _table(self, name: str) -> dict[str, Column]:
@@ -492,13 +492,11 @@ class HistoryHandler:
         return self.history.count(f"SELECT count() FROM {quote(self.history.table)}")
 
     def table_make_view(self, table_name, view_name, config):
+        self.made.add(view_name)  # the VirtualServer keeps it, even if it fails here
         columns = self._table(table_name)
         config = checked_config(config, columns)
-        values, left_out = [], 0
-        if config["split_by"]:
-            values, left_out = self.history.split_values(columns, config)
-        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, config,
-                                           values, left_out)
+        values = self.history.split_values(columns, config) if config["split_by"] else []
+        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, config, values)
         return view_name
 
     def _view(self, view_name) -> ViewQuery:
@@ -518,6 +516,7 @@ class HistoryHandler:
 
     def view_delete(self, view_name):
         self.views.pop(view_name, None)
+        self.made.discard(view_name)
 
     def view_get_data(self, view_name, config, schema, viewport, data):
         view = self._view(view_name)
@@ -602,15 +601,30 @@ class HistorySession:
                     self.busy = False
                     return
                 message = self.pending.popleft()
-            answer = self._answer(message)
+            try:
+                answer = self._answer(message)
+            except BaseException:
+                with self.lock:
+                    self.busy = False
+                raise
             if answer is not None and not self.closed:
                 self.callback(answer)
 
     def _answer(self, message: bytes) -> bytes | None:
         self.handler.failure = None
         try:
+            _, entity, _, _ = read_only.parse_request(message)
+        except read_only.MalformedRequest as error:
+            return read_only.refusal(message, f"bad request: {error}")
+        # Perspective's VirtualServer panics on a request about a view it
+        # does not hold (never made, or deleted): answer those here.
+        if entity and entity.decode() != self.history.table and entity.decode() not in self.handler.made:
+            return read_only.refusal(message, "this view is gone; open it again")
+        try:
             answer = self.server.handle_request(message)
-        except Exception as error:  # Perspective raises for a request it cannot decode
+        except BaseException as error:  # noqa: BLE001 - a Rust panic arrives as a BaseException
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
             return read_only.refusal(message, self.handler.failure or f"bad request: {type(error).__name__}")
         if self.handler.failure:
             return read_only.refusal(message, self.handler.failure)
@@ -678,23 +692,22 @@ class History:
             self._columns = {column.name: column for column in mapped}
         return self._columns
 
-    def split_values(self, columns: dict[str, Column], config: dict) -> tuple[list, int]:
+    def split_values(self, columns: dict[str, Column], config: dict) -> list:
         """The split-by values to show as columns: the `limits.split_values`
-        most frequent, in Perspective's order (ascending, null first); and how
-        many were left out (0, or 1 meaning "at least one")."""
+        most frequent, in Perspective's order (ascending, null first). The
+        others are left out, and the log says so."""
         params = Params()
         where = where_sql(columns, config["filter"], config["filter_op"], params)
         sql = split_values_sql(self.table, columns[config["split_by"][0]], where, self.limits.split_values)
         values = [row[0] for row in self.client().query(
             sql, parameters=params or None, settings=self.limits.settings()).result_rows]
-        left_out = max(0, len(values) - self.limits.split_values)
-        values = values[:self.limits.split_values]
-        if left_out:
+        if len(values) > self.limits.split_values:
+            values = values[:self.limits.split_values]
             log.info("split by %s: showing the %d most frequent values; the rest are left out",
                      config["split_by"][0], self.limits.split_values)
         has_null = None in values
         ordered = sorted(v for v in values if v is not None)
-        return ([None] if has_null else []) + ordered, left_out
+        return ([None] if has_null else []) + ordered
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

@@ -75,6 +75,7 @@ BENCHMARKS = {
     "memory": ([], ["--smoke"]),
     "tail_rate": (["--rates", "2000", "5000", "10000"], ["--smoke"]),
     "hostile": ([], ["--smoke"]),
+    "history": ([], ["--smoke"]),
 }
 
 

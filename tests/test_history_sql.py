@@ -1,0 +1,193 @@
+"""history.py's SQL builders, one Perspective idea each, on their SQL text;
+and the few facts about ClickHouse they rely on, on the real engine."""
+
+from __future__ import annotations
+
+import pytest
+
+import history
+from clickhouse_types import column
+
+CLOSE = column("close", "Nullable(Float64)")
+TICKER = column("ticker", "String")
+ID = column("id", "UUID")
+WHEN = column("timestamp", "DateTime64(3, 'UTC')")
+DAY = column("date", "Date")
+FLAG = column("flag", "Bool")
+COLUMNS = {c.name: c for c in (CLOSE, TICKER, ID, WHEN, DAY, FLAG)}
+
+
+def test_a_filter_value_is_a_bound_parameter_never_sql_text():
+    params = history.Params()
+    sql = history.filter_sql(TICKER, "==", "x' OR 1=1 --", params)
+    assert sql == "toString(`ticker`) = {p0:String}"
+    assert params == {"p0": "x' OR 1=1 --"}
+
+
+def test_each_filter_operator_becomes_its_where_term():
+    params = history.Params()
+    assert history.filter_sql(CLOSE, ">=", 2.5, params) == "toFloat64(`close`) >= {p0:Float64}"
+    # Perspective keeps nulls for != and "not in".
+    assert history.filter_sql(CLOSE, "!=", 1, params) == "toFloat64(`close`) IS NULL OR toFloat64(`close`) != {p1:Float64}"
+    assert history.filter_sql(TICKER, "begins with", "AA", params) == "startsWith(toString(`ticker`), {p2:String})"
+    assert history.filter_sql(TICKER, "contains", "AP", params) == "position(toString(`ticker`), {p3:String}) > 0"
+    assert history.filter_sql(TICKER, "ends with", "L", params) == "endsWith(toString(`ticker`), {p4:String})"
+    assert history.filter_sql(TICKER, "in", ["A", "B"], params) == "has({p5:Array(String)}, toString(`ticker`))"
+    assert history.filter_sql(TICKER, "not in", ["A"], params) == "toString(`ticker`) IS NULL OR NOT has({p6:Array(String)}, toString(`ticker`))"
+    assert history.filter_sql(ID, "is null", None, params) == "toString(`id`) IS NULL"
+    assert history.filter_sql(WHEN, "<", 1704067200000, params) == (
+        "toDateTime64(`timestamp`, 3, 'UTC') < fromUnixTimestamp64Milli(toInt64({p7:Float64}), 'UTC')")
+    assert history.filter_sql(DAY, "==", "2024-01-31", params) == (
+        "toDate32(`date`) = toDate32(parseDateTime64BestEffort({p8:String}, 3, 'UTC'))")
+    assert history.filter_sql(FLAG, "==", True, params) == "`flag` = {p9:Bool}"
+    assert history.filter_sql(TICKER, "==", "", params) is None  # the viewer's half-typed filter
+
+
+def test_an_operator_the_viewer_does_not_offer_for_the_type_is_refused():
+    with pytest.raises(history.Refused):
+        history.filter_sql(CLOSE, "contains", "1", history.Params())
+    with pytest.raises(history.Refused):
+        history.filter_sql(CLOSE, "; DROP TABLE", 1, history.Params())
+    with pytest.raises(history.Refused):
+        history.filter_sql(CLOSE, "==", "1 OR 1", history.Params())  # a number column takes numbers
+
+
+def test_an_aggregate_is_a_select_item_and_first_last_go_by_the_cursor():
+    assert history.aggregate_sql(CLOSE, "sum", "`inserted_at`") == (
+        "if(countIf(1) = 0, NULL, coalesce(sumIf(toFloat64(`close`), 1), 0))")
+    assert history.aggregate_sql(CLOSE, "count", "`inserted_at`") == "countIf(1)"
+    assert "argMaxIf(tuple(toFloat64(`close`)), `inserted_at`, 1).1" in history.aggregate_sql(
+        CLOSE, "last", "`inserted_at`")
+    assert "argMinIf(tuple(toFloat64(`close`)), `inserted_at`, 1).1" in history.aggregate_sql(
+        CLOSE, "first", "`inserted_at`")
+
+
+def test_a_split_is_conditional_aggregates_empty_where_the_group_has_no_such_rows():
+    params = history.Params()
+    condition = history.split_condition(TICKER, "AAPL", params)
+    assert condition == "toString(`ticker`) = {p0:String}"
+    cell = history.split_cell_sql(CLOSE, "max", "`inserted_at`", condition)
+    assert cell.startswith("if(countIf(toString(`ticker`) = {p0:String}) = 0, NULL, ")
+    assert "maxIf(toFloat64(`close`), toString(`ticker`) = {p0:String})" in cell
+    assert history.split_condition(TICKER, None, params) == "toString(`ticker`) IS NULL"
+
+
+def test_split_values_are_the_most_frequent_plus_one_to_see_if_some_were_left_out():
+    sql = history.split_values_sql("stock_values", TICKER, "", 50)
+    assert sql == ("SELECT toString(`ticker`) AS v FROM `stock_values` GROUP BY v "
+                   "ORDER BY count() DESC, v ASC NULLS FIRST LIMIT 51")
+
+
+def test_split_labels_are_perspectives_column_path_names():
+    from datetime import date, datetime
+    assert [history.split_label(v) for v in (None, True, 4.0, 1.5, "AAPL", 7)] == [
+        "null", "true", "4", "1.5", "AAPL", "7"]
+    assert history.split_label(datetime(2024, 1, 1, 9, 30, 0, 123000)) == "2024-01-01 09:30:00.123"
+    assert history.split_label(date(2024, 1, 31)) == "2024-01-31"
+
+
+def test_a_rollup_is_ordered_as_a_tree_by_the_sorted_aggregate_of_each_ancestor():
+    windows, order = history.tree_order_sql(2, [("__s0", "desc")])
+    assert windows == [
+        "any(if(__depth = 1, __s0, NULL)) OVER (PARTITION BY __r0) AS __o1_0",
+        "any(if(__depth = 2, __s0, NULL)) OVER (PARTITION BY __r0, __r1) AS __o2_0"]
+    assert order == ["__depth >= 1", "__o1_0 DESC NULLS LAST", "__r0 ASC NULLS FIRST",
+                     "__depth >= 2", "__o2_0 DESC NULLS LAST", "__r1 ASC NULLS FIRST"]
+    assert history.depth_sql(["`a`", "`b`"]) == "2 - bitCount(grouping(`a`, `b`))"
+
+
+def test_names_from_a_client_must_be_columns_of_the_table():
+    good = {"columns": ["close"], "group_by": ["ticker"], "aggregates": {"close": "avg"}}
+    assert history.checked_config(good, COLUMNS)["aggregates"] == {"close": "avg"}
+    for bad in ({"columns": ['close" FROM system.users --']}, {"columns": ["close"], "group_by": ["`x`"]},
+                {"columns": ["close"], "sort": [["nope", "asc"]]},
+                {"columns": ["close"], "aggregates": {"close": "sum(1)"}},
+                {"columns": ["close"], "expressions": {"x": "1"}},
+                {"columns": ["close"], "split_by": ["ticker", "flag"]}):
+        with pytest.raises(history.Refused):
+            history.checked_config(bad, COLUMNS)
+
+
+def test_a_view_is_one_select_with_no_ddl_and_pages_are_limit_offset():
+    config = history.checked_config({"columns": ["close"], "group_by": ["ticker"], "sort": [["close", "desc"]],
+                                     "filter": [["ticker", "!=", "X"]]}, COLUMNS)
+    view = history.view_query("stock_values", COLUMNS, "inserted_at", config)
+    assert view.sql.startswith("SELECT * FROM (SELECT *, any(")
+    assert "GROUP BY ROLLUP(toString(`ticker`))" in view.sql and "CREATE" not in view.sql
+    assert view.params == {"p0": "X"}
+    assert history.page_sql(view, 100, 150).endswith(" LIMIT 50 OFFSET 100")
+    assert history.size_sql(view) == f"SELECT count() FROM ({view.sql})"
+    assert view.names == {"__c0": "close"} and view.kinds == {"__c0": "float"}
+
+
+def test_grouping_marks_rolled_up_keys_on_the_real_engine(new_client):
+    client = new_client()
+    rows = client.query("SELECT a, 2 - bitCount(grouping(a, b)) AS depth FROM (SELECT 1 AS a, 2 AS b) "
+                        "GROUP BY ROLLUP(a, b) ORDER BY depth").result_rows
+    assert [depth for _, depth in rows] == [0, 1, 2]
+
+
+def test_the_limits_are_enforced_by_clickhouse(new_client):
+    client = new_client()
+    limits = history.Limits(max_rows=10)
+    with pytest.raises(Exception, match="TOO_MANY_ROWS|Limit for result"):
+        client.query("SELECT number FROM numbers(100)", settings=limits.settings())
+    with pytest.raises(Exception, match="READONLY|readonly"):
+        client.query("CREATE TABLE t (x Int8) ENGINE = Memory", settings=limits.settings())
+    assert client.query("SELECT count() FROM numbers(100)", settings=limits.settings()).result_rows == [(100,)]
+
+
+def _history_client(database, limits=history.Limits()):
+    """A perspective.Client speaking the protocol to a history session, in process."""
+    import clickhouse_connect
+    import perspective
+
+    def connect():
+        client = clickhouse_connect.get_client(dsn="chdb://memory")
+        client.database = database
+        return client
+
+    source = history.History(connect, "t", "inserted_at", limits=limits)
+    session = source.new_session(callback=None)
+    client = None
+    client = perspective.Client(lambda request: client.handle_response(session._answer(request)))
+    return source, client
+
+
+def test_a_split_shows_the_most_frequent_values_up_to_the_limit(new_client, database):
+    admin = new_client()
+    admin.command("CREATE TABLE t (inserted_at DateTime64(6), ticker String, x Int32) ENGINE = MergeTree ORDER BY inserted_at")
+    admin.command("INSERT INTO t SELECT now64(6) + toIntervalMicrosecond(number), "
+                  "['A','B','B','C','C','C'][1 + number % 6], 1 FROM numbers(60)")
+    source, client = _history_client(database, history.Limits(split_values=2))
+    view = client.open_table("t").view(columns=["x"], split_by=["ticker"])
+    # C (30 rows) and B (20) are kept, A (10) is left out; columns in Perspective's order.
+    assert [name for name in view.to_columns(start_row=0, end_row=6)] == ["B|x", "C|x"]
+    source.close()
+
+
+def test_the_table_size_is_counted_again_on_every_request(new_client, database):
+    admin = new_client()
+    admin.command("CREATE TABLE t (inserted_at DateTime64(6), x Int32) ENGINE = MergeTree ORDER BY inserted_at")
+    admin.command("INSERT INTO t SELECT now64(6), number FROM numbers(5)")
+    source, client = _history_client(database)
+    table = client.open_table("t")
+    assert table.size() == 5
+    admin.command("INSERT INTO t SELECT now64(6), number FROM numbers(3)")
+    assert table.size() == 8
+    view = table.view(columns=["x"], group_by=["x"])
+    assert view.num_rows() == 1 + 5  # the total and five distinct values
+    source.close()
+
+
+def test_history_flags(capsys):
+    import perspective_server
+
+    settings, _ = perspective_server.parse_args(["--history-timeout", "3", "--history-max-rows", "500",
+                                                 "--history-max-memory", "64", "--history-split-values", "5"])
+    assert settings.history == history.Limits(timeout=3, max_rows=500, max_memory=64 << 20, split_values=5)
+    assert perspective_server.parse_args(["--no-history"])[0].history is None
+    with pytest.raises(SystemExit) as exit_info:
+        perspective_server.parse_args(["--history-max-rows", "0"])
+    assert exit_info.value.code == 2
+    assert "--history-max-rows" in capsys.readouterr().err
