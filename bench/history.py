@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import os
 import sys
 import time
 import uuid

@@ -129,6 +129,19 @@ async def open_viewer(port: int, origin: str | None = None):
     return client, socket, asyncio.ensure_future(pump())
 
 
+def wait_for_page(url: str, server: "Program", others: tuple["Program", ...] = ()) -> None:
+    """Waits until perspective_server.py serves `url`; fails with every log if it never does."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline and server.proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    pytest.fail(f"perspective_server.py never served {url}:\n" + "\n".join(p.log() for p in [server, *others]))
+
+
 class Program:
     """`python <script> <args>` from the repository root, logging to a file."""
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 import os
 import re
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 import browser
 import chdb_http
-from servers import STARTUP_TIMEOUT_S, Program, free_port
+from servers import Program, free_port, wait_for_page
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 UPDATE_SCREENSHOTS = os.environ.get("UPDATE_SCREENSHOTS") == "1"
@@ -103,18 +102,6 @@ def newest_timestamp_in_table(page) -> int:
             await view.delete();
             return columns.timestamp[0];
         }""")
-
-
-def wait_for_page(url: str, server: Program):
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline and server.proc.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(f"perspective_server.py never served {url}:\n{server.log()}")
 
 
 @pytest.fixture

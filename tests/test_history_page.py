@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import browser
-from servers import Program, free_port
-from test_topology import clickhouse, wait_for_page  # noqa: F401  (a fixture)
+from servers import Program, free_port, wait_for_page
+from test_topology import clickhouse  # noqa: F401  (a fixture)
 
 LIMIT = 300
 # UPDATE_SCREENSHOTS=1 writes the History screenshot over the README's.

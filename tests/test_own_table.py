@@ -18,7 +18,6 @@ import re
 import time
 from pathlib import Path
 
-import pytest
 
 from perspective_server import Sync
 from tailer import Tail

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -26,7 +24,7 @@ import pytest
 
 import browser
 import chdb_http
-from servers import STARTUP_TIMEOUT_S, Program, free_port
+from servers import Program, free_port, wait_for_page
 
 EXIT_TIMEOUT_S = 5  # Ctrl-C to exit, for every program
 
@@ -67,20 +65,6 @@ def clickhouse(tmp_path):
     client = server.client()
     client.command(f"DROP DATABASE IF EXISTS `{database}`")
     client.close()
-
-
-def wait_for_page(url: str, server: Program, others: list[Program]):
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(url, timeout=1) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail("perspective_server.py never served the page:\n" + "\n".join(p.log() for p in [server, *others]))
 
 
 def test_three_programs_fill_the_page_and_stop_cleanly(clickhouse, tmp_path):
