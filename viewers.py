@@ -367,6 +367,9 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         created = self.held.pop(view_msg_id, b"")
         dimensions = _dimensions(response)
         if dimensions is None:  # the view was never made (e.g. a bad column): pass its error on
+            # and give its slot back, or a viewer whose configs fail a few
+            # times would be out of views (--max-views) until it reconnects.
+            self.gate.close_view(view_id, "this view could not be made")
             self._write(created)
             return
         rows, columns = dimensions
