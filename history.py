@@ -45,6 +45,7 @@ of columns whose name contains `_`.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import logging
 import math
@@ -78,6 +79,31 @@ class Limits:
         # with the query (readonly=1 would refuse the limits below).
         return {"readonly": 2, "max_execution_time": self.timeout, "max_result_rows": self.max_rows,
                 "result_overflow_mode": "throw", "max_memory_usage": self.max_memory}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Chapter 4's flags: the whole table at /history, pivoted in ClickHouse."""
+    group = parser.add_argument_group("history (the whole table at /history, pivoted inside ClickHouse)")
+    group.add_argument("--no-history", action="store_true", help="do not serve /history")
+    group.add_argument("--history-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="longest a history query may run (default 10)")
+    group.add_argument("--history-max-rows", type=int, default=100_000, metavar="ROWS",
+                       help="most rows one history answer may hold (default 100,000)")
+    group.add_argument("--history-max-memory", type=int, default=2048, metavar="MB",
+                       help="memory one history query may use in ClickHouse (default 2048 MB)")
+    group.add_argument("--history-split-values", type=int, default=50, metavar="N",
+                       help="a split-by shows its N most frequent values (default 50)")
+
+
+def limits_from_args(args, parser: argparse.ArgumentParser) -> Limits | None:
+    if args.no_history:
+        return None
+    if args.history_timeout <= 0 or args.history_max_rows < 1 or args.history_max_memory < 1 \
+            or args.history_split_values < 1:
+        parser.error("--history-timeout, --history-max-rows, --history-max-memory and "
+                     "--history-split-values must be more than 0")
+    return Limits(args.history_timeout, args.history_max_rows, args.history_max_memory << 20,
+                          args.history_split_values)
 
 
 class Refused(ValueError):

@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                         help="also send the --key column to the browser; by default it is only used to "
                              "drop re-read rows, because Perspective keeps every distinct string it has "
                              "seen, so a unique id column grows its memory without bound")
-    add_history_arguments(parser)
+    history.add_arguments(parser)
     connection.add_arguments(parser, embedded=True)
     viewers.add_arguments(parser)
     args = parser.parse_args(argv)
@@ -123,33 +123,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
                               args.table_wait, args.show_key, viewers.limits_from_args(args, parser),
-                              history_limits(parser, args))
+                              history.limits_from_args(args, parser))
     return settings, ch
-
-
-def add_history_arguments(parser: argparse.ArgumentParser) -> None:
-    """Chapter 4's flags: the whole table at /history, pivoted in ClickHouse."""
-    group = parser.add_argument_group("history (the whole table at /history, pivoted inside ClickHouse)")
-    group.add_argument("--no-history", action="store_true", help="do not serve /history")
-    group.add_argument("--history-timeout", type=float, default=10.0, metavar="SECONDS",
-                       help="longest a history query may run (default 10)")
-    group.add_argument("--history-max-rows", type=int, default=100_000, metavar="ROWS",
-                       help="most rows one history answer may hold (default 100,000)")
-    group.add_argument("--history-max-memory", type=int, default=2048, metavar="MB",
-                       help="memory one history query may use in ClickHouse (default 2048 MB)")
-    group.add_argument("--history-split-values", type=int, default=50, metavar="N",
-                       help="a split-by shows its N most frequent values (default 50)")
-
-
-def history_limits(parser: argparse.ArgumentParser, args) -> history.Limits | None:
-    if args.no_history:
-        return None
-    if args.history_timeout <= 0 or args.history_max_rows < 1 or args.history_max_memory < 1 \
-            or args.history_split_values < 1:
-        parser.error("--history-timeout, --history-max-rows, --history-max-memory and "
-                     "--history-split-values must be more than 0")
-    return history.Limits(args.history_timeout, args.history_max_rows, args.history_max_memory << 20,
-                          args.history_split_values)
 
 
 class IndexHandler(tornado.web.RequestHandler):
@@ -236,8 +211,10 @@ def read_ahead(chunks: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]
     """Runs `chunks` on a thread, at most `depth` chunks ahead of the caller.
 
     ClickHouse (reading) and Perspective (loading) both work outside
-    Python's GIL, so on two cores a backfill takes about as long as the
-    slower of the two instead of their sum.
+    Python's GIL, so when the driver streams (HTTP to a server) a backfill
+    takes about as long as the slower of the two instead of their sum.
+    clickhouse-connect's chDB backend runs the whole query before its first
+    chunk, so embedded, the two still add up (bench/README.md).
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     done = object()

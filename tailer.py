@@ -85,6 +85,13 @@ class Cursor:
         self.remember(rows)
         return fresh
 
+    def start_at(self, watermark: int, window: pa.Table) -> None:
+        """Starts from `watermark`, with `window` holding every key already in
+        [watermark - overlap, watermark], one row each with its newest cursor
+        (the backfill reads it grouped from ClickHouse)."""
+        self.watermark = watermark
+        self.delivered = window
+
     def advance(self, cursor_us: int) -> None:
         """Moves the watermark forward to `cursor_us` (never back)."""
         self.watermark = cursor_us if self.watermark is None else max(self.watermark, cursor_us)
@@ -270,10 +277,6 @@ class Tail:
     def _qualified(self, column: str) -> str:
         return f"{quote(self.table)}.{quote(column)}"
 
-    def _micros(self, sql: str, parameters: dict | None = None) -> int | None:
-        value = self.client.query(sql, parameters=parameters).result_rows[0][0]
-        return None if value is None else int(value)
-
     def backfill(self, limit: int, chunk_rows: int = 500_000) -> Iterator[pa.Table]:
         """The newest `limit` rows, oldest first, in chunks; sets the watermark.
 
@@ -288,18 +291,19 @@ class Tail:
         3. The newest `limit` rows up to the watermark are streamed, so the
            caller can load one chunk while ClickHouse sends the next.
         """
-        newest = self._micros(f"SELECT toUnixTimestamp64Micro(toDateTime64(maxOrNull({self._cursor_column}), 6, 'UTC')) "
-                              f"FROM {quote(self.table)}")
+        newest = self.client.query(
+            f"SELECT toUnixTimestamp64Micro(toDateTime64(maxOrNull({self._cursor_column}), 6, 'UTC')) "
+            f"FROM {quote(self.table)}").result_rows[0][0]
         if newest is None:
             return  # an empty table: the first poll reads everything
-        self.cursor.advance(newest)
+        newest = int(newest)
         # Grouped in ClickHouse, so the keys arrive distinct, each with its
         # newest cursor: exactly what Cursor keeps, with no work in Python.
         window = self.client.query_arrow(
             f"SELECT {self._key()} AS {KEY}, max({self._cursor_micros()}) AS {CURSOR} FROM {quote(self.table)} "
             f"WHERE {self._between('lower', 'upper')} GROUP BY {KEY}",
-            parameters={"lower": self.cursor.lower_bound, "upper": newest})
-        self.cursor.delivered = window
+            parameters={"lower": newest - self.cursor.overlap_us, "upper": newest})
+        self.cursor.start_at(newest, window)
         # Large chunks: Perspective loads ten 100,000-row updates about 1.5x
         # slower than one of 1,000,000 rows, so chunks only need to be small
         # enough to keep the peak memory down.
@@ -313,7 +317,7 @@ class Tail:
         # row inside the window are remembered too, once, at the end.
         lower = self.cursor.lower_bound
         shown_in_window = []
-        loaded_keys: list[pa.ChunkedArray] = []
+        loaded_keys: list[pa.Array] = []
         with stream:
             for chunk in stream:
                 chunk = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
@@ -321,10 +325,10 @@ class Tail:
                 # does this faster than ClickHouse's LIMIT 1 BY, which doubled
                 # the query's time on a million rows.)
                 if loaded_keys:
-                    seen = pa.chunked_array([c for keys in loaded_keys for c in keys.chunks])
-                    chunk = chunk.filter(pc.invert(pc.is_in(chunk.column(KEY), value_set=seen.combine_chunks())))
+                    seen = pa.concat_arrays(loaded_keys)
+                    chunk = chunk.filter(pc.invert(pc.is_in(chunk.column(KEY), value_set=seen)))
                 chunk = _first_of_each_key(chunk)
-                loaded_keys.append(chunk.column(KEY))
+                loaded_keys.append(chunk.column(KEY).combine_chunks())
                 keys = chunk.select([KEY, CURSOR])
                 shown_in_window.append(keys.filter(pc.greater_equal(keys.column(CURSOR), lower)))
                 yield self._strip(chunk)

@@ -188,21 +188,26 @@ def check_size(size: int, rows: int, path: str) -> None:
 
 
 # ---- the three paths ----------------------------------------------------
-# Each returns the seconds from the first query to a table holding `rows`.
+# Each returns (seconds from the first query to a table holding `rows`,
+# peak RSS GB during that, RSS GB right after with the table alive).
 
-def run_tail(client, schema, rows: int, exclude: tuple[str, ...]) -> float:
-    tail = new_tail(client, exclude)  # the server describes the table once, at start
+def timed_load(path: str, schema, rows: int, load) -> tuple[float, float, float]:
+    """Runs `load(table)` on a fresh table, timed and with RSS sampled."""
     table = new_table(schema, rows)
-    sync = Sync(tail, table)
     with PeakRss() as peak:
         started = time.perf_counter()
-        sync.backfill(rows)
+        load(table)
         size = table.size()
         seconds = time.perf_counter() - started
     after = rss_gb()
-    check_size(size, rows, "tail")
+    check_size(size, rows, path)
     table.delete()
     return seconds, peak.peak, after
+
+
+def run_tail(client, schema, rows: int, exclude: tuple[str, ...]) -> tuple[float, float, float]:
+    tail = new_tail(client, exclude)  # the server describes the table once, at start
+    return timed_load("tail", schema, rows, lambda table: Sync(tail, table).backfill(rows))
 
 
 def records_frame_to_json_safe(df: pd.DataFrame) -> pd.DataFrame:
@@ -218,21 +223,14 @@ def records_frame_to_json_safe(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def run_records(client, schema, rows: int, exclude: tuple[str, ...]) -> float:
+def run_records(client, schema, rows: int, exclude: tuple[str, ...]) -> tuple[float, float, float]:
     columns = "*" if not exclude else "* EXCEPT (" + ", ".join(quote(name) for name in exclude) + ")"
-    table = new_table(schema, rows)
-    with PeakRss() as peak:
-        started = time.perf_counter()
+
+    def load(table):
         df = client.query_df(f"SELECT {columns} FROM {TABLE} ORDER BY inserted_at DESC LIMIT {rows}")
-        records = records_frame_to_json_safe(df).to_dict("records")
-        table.update(records)
-        size = table.size()
-        seconds = time.perf_counter() - started
-    del df, records
-    after = rss_gb()
-    check_size(size, rows, "records")
-    table.delete()
-    return seconds, peak.peak, after
+        table.update(records_frame_to_json_safe(df).to_dict("records"))
+
+    return timed_load("records", schema, rows, load)
 
 
 def ceiling_ipc(client, rows: int, exclude: tuple[str, ...]) -> bytes:
@@ -241,17 +239,8 @@ def ceiling_ipc(client, rows: int, exclude: tuple[str, ...]) -> bytes:
     return to_ipc(pa.concat_tables(chunks).drop_columns([CURSOR]))
 
 
-def run_ceiling(ipc: bytes, schema, rows: int) -> float:
-    table = new_table(schema, rows)
-    with PeakRss() as peak:
-        started = time.perf_counter()
-        table.update(ipc)
-        size = table.size()
-        seconds = time.perf_counter() - started
-    after = rss_gb()
-    check_size(size, rows, "ceiling")
-    table.delete()
-    return seconds, peak.peak, after
+def run_ceiling(ipc: bytes, schema, rows: int) -> tuple[float, float, float]:
+    return timed_load("ceiling", schema, rows, lambda table: table.update(ipc))
 
 
 # ---- memory --------------------------------------------------------------
@@ -353,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def measure(client, config: str, rows: int, ipc_rows: int | None, args) -> list[Result]:
+def measure(client, config: str, rows: int, args) -> list[Result]:
     """All paths for one column set and one size, interleaved, --repeat times."""
     exclude = CONFIGS[config]
     schema = to_ipc(new_tail(client, exclude).empty())
@@ -402,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{rows:,} rows in {TABLE} (filled in {time.perf_counter() - started:.1f} s)", flush=True)
             for config in args.configs:
                 print(f" {config}:")
-                results.extend(measure(client, config, rows, None, args))
+                results.extend(measure(client, config, rows, args))
     except SizeMismatch as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
