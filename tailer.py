@@ -112,6 +112,9 @@ class Cursor:
         remembered = pa.concat_tables([self.delivered.cast(plain), rows.select([KEY, CURSOR]).cast(plain)])
         if lower is not None:
             remembered = remembered.filter(pc.greater_equal(remembered.column(CURSOR), lower))
+        if not _has_duplicate_keys(remembered.column(KEY)):
+            self.delivered = remembered  # each key once already (the usual case, and cheaper to check than to group)
+            return
         newest_per_key = remembered.group_by(KEY, use_threads=False).aggregate([(CURSOR, "max")])
         self.delivered = pa.table({KEY: newest_per_key.column(KEY), CURSOR: newest_per_key.column(f"{CURSOR}_max")})
 
@@ -141,6 +144,31 @@ def _has_duplicate_keys(keys: pa.ChunkedArray) -> bool:
         ordered = np.sort(keys.to_numpy())
         return bool((ordered[1:] == ordered[:-1]).any())
     return pc.count_distinct(keys).as_py() != len(keys)
+
+
+class _KeySet:
+    """The 64-bit key hashes a backfill has loaded so far, kept sorted: asking
+    whether a million keys were seen before is a binary search, where
+    building a hash set of the loaded keys for every chunk took 0.3 s."""
+
+    def __init__(self):
+        self.unsorted: list[np.ndarray] = []
+        self.sorted = np.array([], dtype=np.uint64)
+
+    def drop_known(self, rows: pa.Table) -> pa.Table:
+        if self.unsorted:  # sorted only when a second chunk comes
+            self.sorted = np.sort(np.concatenate([self.sorted, *self.unsorted]))
+            self.unsorted = []
+        if not len(self.sorted):
+            return rows
+        keys = rows.column(KEY).to_numpy()
+        at = np.minimum(np.searchsorted(self.sorted, keys), len(self.sorted) - 1)
+        known = self.sorted[at] == keys
+        # Filtering copies every column, so only when something is dropped.
+        return rows.filter(pa.array(~known)) if known.any() else rows
+
+    def add(self, keys: pa.ChunkedArray) -> None:
+        self.unsorted.append(keys.to_numpy())
 
 
 class TableNotFound(Exception):
@@ -277,17 +305,21 @@ class Tail:
     def _qualified(self, column: str) -> str:
         return f"{quote(self.table)}.{quote(column)}"
 
-    def backfill(self, limit: int, chunk_rows: int = 500_000) -> Iterator[pa.Table]:
+    def backfill(self, limit: int, chunk_rows: int = 1_000_000) -> Iterator[pa.Table]:
         """The newest `limit` rows, oldest first, in chunks; sets the watermark.
 
-        Three reads, in this order, make the hand-over to the first poll exact:
+        The hand-over to the first poll must be exact: every row inside the
+        overlap window below the watermark is either shown now or remembered
+        as deliberately left out, or the first poll would deliver it again.
 
-        1. The newest cursor value becomes the watermark.
-        2. The keys of *every* row inside the overlap window below it are
-           remembered, including rows older than the newest `limit`. The first
-           poll re-reads that window, and without this it would deliver the
-           rows the backfill left out: all of them, when a burst or an
-           `ALTER ... MATERIALIZE` gave more than `limit` rows one cursor value.
+        1. The newest cursor value becomes the watermark, and ClickHouse
+           counts the rows inside the window below it.
+        2. Only if the window holds more rows than `limit` (a burst, or an
+           `ALTER ... MATERIALIZE` that gave many rows one cursor value) are
+           the keys of *every* row in it read, grouped in ClickHouse, so the
+           rows the backfill leaves out are remembered too. Otherwise every
+           window row is among the streamed ones, and remembering what was
+           streamed is enough: one read of the window saved.
         3. The newest `limit` rows up to the watermark are streamed, so the
            caller can load one chunk while ClickHouse sends the next.
         """
@@ -297,46 +329,47 @@ class Tail:
         if newest is None:
             return  # an empty table: the first poll reads everything
         newest = int(newest)
-        # Grouped in ClickHouse, so the keys arrive distinct, each with its
-        # newest cursor: exactly what Cursor keeps, with no work in Python.
-        window = self.client.query_arrow(
-            f"SELECT {self._key()} AS {KEY}, max({self._cursor_micros()}) AS {CURSOR} FROM {quote(self.table)} "
-            f"WHERE {self._between('lower', 'upper')} GROUP BY {KEY}",
-            parameters={"lower": newest - self.cursor.overlap_us, "upper": newest})
-        self.cursor.start_at(newest, window)
-        # Large chunks: Perspective loads ten 100,000-row updates about 1.5x
-        # slower than one of 1,000,000 rows, so chunks only need to be small
-        # enough to keep the peak memory down.
+        window = {"lower": newest - self.cursor.overlap_us, "upper": newest}
+        in_window = self.client.query(
+            f"SELECT count() FROM {quote(self.table)} WHERE {self._between('lower', 'upper')}",
+            parameters=window).result_rows[0][0]
+        if in_window > limit:
+            # Grouped in ClickHouse, so the keys arrive distinct, each with
+            # its newest cursor: exactly what Cursor keeps.
+            self.cursor.start_at(newest, self.client.query_arrow(
+                f"SELECT {self._key()} AS {KEY}, max({self._cursor_micros()}) AS {CURSOR} "
+                f"FROM {quote(self.table)} WHERE {self._between('lower', 'upper')} GROUP BY {KEY}",
+                parameters=window))
+        else:
+            self.cursor.start_at(newest, self.cursor.delivered.slice(0, 0))
+        # One chunk of up to a million rows: Perspective loads the first
+        # update into an empty table on a fast path, and every later update
+        # costs about 1.7x as much per row (bench/README.md). Chunks keep the
+        # peak memory of a larger backfill down.
         stream = self.client.query_arrow_stream(
             f"SELECT * FROM (SELECT {self._select()} FROM {quote(self.table)} "
             f"WHERE {self._cursor_column} <= fromUnixTimestamp64Micro({{upper:Int64}}, 'UTC') "
             f"ORDER BY {self._cursor_column} DESC LIMIT {int(limit)}) ORDER BY {CURSOR}",
             parameters={"upper": newest}, settings={"max_block_size": chunk_rows})
-        # A row that committed between read 2 and read 3 is on screen, so it
-        # must not come back as a late commit: the keys of every streamed
-        # row inside the window are remembered too, once, at the end.
+        # A row that committed between the reads is on screen, so it must
+        # not come back as a late commit: the keys of every streamed row
+        # inside the window are remembered, once, at the end.
         lower = self.cursor.lower_bound
-        shown_in_window = []
-        loaded_keys: list[pa.Array] = []
+        streamed_in_window = []
+        loaded = _KeySet()
         with stream:
             for chunk in stream:
                 chunk = chunk if isinstance(chunk, pa.Table) else pa.Table.from_batches([chunk])
+                keys = chunk.select([KEY, CURSOR])
+                streamed_in_window.append(keys.filter(pc.greater_equal(keys.column(CURSOR), lower)))
                 # A key stored twice is still one row for the viewer. (Python
                 # does this faster than ClickHouse's LIMIT 1 BY, which doubled
                 # the query's time on a million rows.)
-                if loaded_keys:
-                    seen = pa.concat_arrays(loaded_keys)
-                    chunk = chunk.filter(pc.invert(pc.is_in(chunk.column(KEY), value_set=seen)))
-                chunk = _first_of_each_key(chunk)
-                loaded_keys.append(chunk.column(KEY).combine_chunks())
-                keys = chunk.select([KEY, CURSOR])
-                shown_in_window.append(keys.filter(pc.greater_equal(keys.column(CURSOR), lower)))
+                chunk = _first_of_each_key(loaded.drop_known(chunk))
+                loaded.add(chunk.column(KEY))
                 yield self._strip(chunk)
-        if shown_in_window:
-            shown = pa.concat_tables(shown_in_window)
-            missed = shown.filter(pc.invert(pc.is_in(shown.column(KEY), value_set=window.column(KEY))))
-            if missed.num_rows:
-                self.cursor.remember(missed)
+        if streamed_in_window:
+            self.cursor.remember(pa.concat_tables(streamed_in_window))
 
     def poll(self) -> pa.Table:
         """Rows that arrived since the last call (or all rows, the first time).

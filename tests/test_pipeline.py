@@ -298,6 +298,28 @@ def test_a_burst_larger_than_the_limit_is_handed_over_exactly_once(new_client):
     assert len(shown) == len(set(shown)) == 1_000  # the rolling limit kept the newest
 
 
+def test_a_key_stored_twice_in_different_backfill_chunks_is_shown_once(new_client):
+    """A retried insert can store a row twice with two cursors. When the
+    copies land in different chunks of the backfill, the later copy is
+    dropped, and the first poll does not fetch either again."""
+    client = new_client()
+    producer.create_table(client)
+    now_us = time.time_ns() // 1000
+    rows = producer.Market(seed=8).batch(1_000, now_us // 1000)
+    insert_with_cursor(client, rows, now_us - 1_000_000)
+    insert_with_cursor(client, rows.slice(0, 100), now_us)  # the retry, a second later
+    sync = make_sync(new_client())
+    chunks = list(sync.tail.backfill(10_000, chunk_rows=300))
+    assert len(chunks) > 1, "the backfill came in one chunk; the test needs several"
+    assert sum(chunk.num_rows for chunk in chunks) == 1_000
+    for chunk in chunks:
+        sync.push(chunk)
+    shown = ids_in_perspective(sync.table)
+    assert sorted(shown) == sorted(str(key) for key in rows.column("id").to_pylist())
+    assert [sync.poll() for _ in range(3)] == [0, 0, 0]
+    assert sync.tail.rows_returned == 0 and sync.tail.window_rereads == 0
+
+
 def test_a_poll_fetches_only_new_rows_when_nothing_committed_late(new_client):
     """The overlap is checked with one aggregate row; its rows are fetched
     again only when that check finds a late commit."""
