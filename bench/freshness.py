@@ -156,7 +156,10 @@ PREDECESSOR_SCHEMA = {
     "client": "string", "open": "float", "high": "float", "low": "float", "close": "float",
     "volume": "integer", "date": "date",
 }
-SCHEMES = {"project": "this project", "predecessor": "predecessor"}
+SCHEMES = {"project": "this project", "old-poll": "old poll scheme", "predecessor": "predecessor"}
+# This project's server with the poll of earlier versions, which fetched
+# the whole overlap window on every poll (see serve_old_poll).
+PROJECT_SERVERS = ("project", "old-poll")
 OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project's server
 # The last commit whose index.html was one grid (before the dashboard).
 OLD_PAGE_REF = "4ee2ee41a1909448ddc42bf2bf34dfbf1cca4fda:index.html"
@@ -250,6 +253,12 @@ def start_project_server(port: int, harness, database: str, log_path: Path, inte
                    # --show-key: the bench tells batches apart by their ids in the page.
                    ["perspective_server.py", "--port", str(port), "--interval", str(interval), "--show-key"],
                    env, log_path)
+
+
+def start_old_poll_server(port: int, harness, database: str, log_path: Path, interval: float = 0.1) -> Program:
+    env = {**harness.env(), "CLICKHOUSE_DB": database}
+    return Program("old-poll", [str(Path(__file__).resolve()), "--serve-old-poll", str(port),
+                                "--server-interval", str(interval)], env, log_path)
 
 
 def start_predecessor_server(port: int, harness, database: str, log_path: Path, page: Path) -> Program:
@@ -399,7 +408,7 @@ PAGE_PROBE = """async (maxRows) => {
     const viewers = [...document.querySelectorAll("perspective-viewer")];
     const table = await viewers[0].getTable();
     const view = await table.view({columns: ["timestamp"], sort: [["timestamp", "desc"]]});
-    const probe = window.__freshness = {data: {}, drawn: {}, updates: 0, errors: []};
+    const probe = window.__freshness = {data: {}, drawn: {}, flushed: {}, updates: 0, errors: []};
     window.__freshnessView = view;
     await view.on_update(async () => {
         probe.updates++;
@@ -411,7 +420,12 @@ PAGE_PROBE = """async (maxRows) => {
                 if (!(ts in probe.data)) { probe.data[ts] = now; fresh.push(ts); }
             }
             if (fresh.length) {
-                await Promise.all(viewers.map((viewer) => viewer.flush()));
+                // Each viewer's own flush time too: which view holds the frame back.
+                await Promise.all(viewers.map(async (viewer, i) => {
+                    await viewer.flush();
+                    const name = viewer.dataset.view || `viewer ${i + 1}`;
+                    (probe.flushed[name] = probe.flushed[name] || []).push(Date.now() - now);
+                }));
                 await new Promise((resolve) => requestAnimationFrame(() => resolve()));
                 const drawn = Date.now();
                 for (const ts of fresh) probe.drawn[ts] = drawn;
@@ -618,7 +632,7 @@ def run(args) -> dict:
     import chdb_http
     from servers import free_port
 
-    schemes = [args.only] if args.only else list(SCHEMES)
+    schemes = [args.only] if args.only else args.schemes
     old_page = read_old_page(args.old_page) if args.old_page else None
     database = f"freshness_{uuid.uuid4().hex[:8]}"
     info = machine()
@@ -644,10 +658,15 @@ def run(args) -> dict:
         servers = {}
         for scheme in schemes:
             log_path = workdir / f"{scheme}.log"
-            servers[scheme] = (start_project_server(ports[scheme], harness, database, log_path, args.server_interval)
-                               if scheme == "project" else
-                               start_predecessor_server(ports[scheme], harness, database, log_path,
-                                                        predecessor_page))
+            if scheme == "project":
+                servers[scheme] = start_project_server(ports[scheme], harness, database, log_path,
+                                                       args.server_interval)
+            elif scheme == "old-poll":
+                servers[scheme] = start_old_poll_server(ports[scheme], harness, database, log_path,
+                                                        args.server_interval)
+            else:
+                servers[scheme] = start_predecessor_server(ports[scheme], harness, database, log_path,
+                                                           predecessor_page)
             stack.callback(servers[scheme].stop)
         pages = Pages(stack.enter_context(chromium())) if not args.no_browser else None  # while the servers start
         for scheme, server in servers.items():
@@ -742,6 +761,8 @@ def summarize(args, schemes, measure, browser_results, meters, stored, info, log
                                                    if ts in data and ts in watcher.first_seen]
             steps["page data -> drawn (viewer render)"] = [drawn[ts] - data[ts] for ts in batches
                                                            if ts in data and ts in drawn]
+            for name, flushed in page.get("flushed", {}).items():
+                steps[f"  of which: page data -> {name} flushed"] = flushed
         old = browser_results.get(OLD_PAGE) if scheme == "project" else None
         if old is not None:
             entry["old_page_data"] = stats(lags_from({int(k): v for k, v in old["data"].items()}, batches, 1))
@@ -751,9 +772,10 @@ def summarize(args, schemes, measure, browser_results, meters, stored, info, log
         results["schemes"][scheme] = entry
     if "chdb_http" in meters:
         results["chdb_http_cpu_percent_of_one_core"] = meters["chdb_http"].percent
-    if "project" in logs:
-        results["schemes"]["project"]["server_log_synced"] = [
-            {"lag_p50_ms": int(m.group(1)), "lag_max_ms": int(m.group(2))} for m in SYNCED.finditer(logs["project"])]
+    for scheme in PROJECT_SERVERS:
+        if scheme in logs:
+            results["schemes"][scheme]["server_log_synced"] = [
+                {"lag_p50_ms": int(m.group(1)), "lag_max_ms": int(m.group(2))} for m in SYNCED.finditer(logs[scheme])]
     results["server_logs_tail"] = {s: logs[s].splitlines()[-3:] for s in schemes}
     results["summary"] = summary(results)
     return results
@@ -769,7 +791,7 @@ def summary(results: dict) -> list[dict]:
             figure = entry.get(key)
             if not figure or figure["p95_ms"] is None:
                 continue
-            target = scheme == "project" and key == "page_drawn"
+            target = scheme in PROJECT_SERVERS and key == "page_drawn"
             out.append({"figure": f"freshness p95, {label} ({name})",
                         "value": f"{figure['p95_ms']:,.0f} ms (p50 {figure['p50_ms']:,.0f}, max "
                                  f"{figure['max_ms']:,.0f}, {figure['count']} batches)",
@@ -777,9 +799,9 @@ def summary(results: dict) -> list[dict]:
                         "met": figure["p95_ms"] <= TARGET_BROWSER_P95_MS if target else None})
         out.append({"figure": f"rows delivered / distinct, missed rows ({name})",
                     "value": f"{entry['duplicate_ratio'] or 0:.2f}x, {entry['missed_rows']:,} missed",
-                    "target": "1.00x, 0 missed" if scheme == "project" else "n/a",
+                    "target": "1.00x, 0 missed" if scheme in PROJECT_SERVERS else "n/a",
                     "met": (entry["rows_delivered"] == entry["distinct_rows_sent"] and not entry["missed_rows"])
-                    if scheme == "project" else None})
+                    if scheme in PROJECT_SERVERS else None})
         cpu = entry["server_cpu_percent_of_one_core"]
         if cpu is not None:
             out.append({"figure": f"server CPU, % of one core ({name})", "value": f"{cpu:.0f}%",
@@ -831,10 +853,11 @@ def print_results(results: dict) -> None:
         rows.append((step, *cells))
     for line in table_lines(header, rows, left=1):
         print(line)
-    synced = results["schemes"].get("project", {}).get("server_log_synced")
-    if synced:
-        print("this project's server log, inserted_at -> its Perspective table, per 10 s: "
-              + "; ".join(f"p50 {s['lag_p50_ms']} / max {s['lag_max_ms']}" for s in synced) + " ms")
+    for scheme in PROJECT_SERVERS:
+        synced = results["schemes"].get(scheme, {}).get("server_log_synced")
+        if synced:
+            print(f"{SCHEMES[scheme]}: server log, inserted_at -> its Perspective table, per 10 s: "
+                  + "; ".join(f"p50 {s['lag_p50_ms']} / max {s['lag_max_ms']}" for s in synced) + " ms")
     for scheme, entry in results["schemes"].items():
         print(f"{SCHEMES[scheme]}: {entry['rows_delivered']:,} rows delivered to the Python client for "
               f"{entry['distinct_rows_sent']:,} sent ({entry['distinct_rows_delivered']:,} distinct)")
@@ -860,10 +883,11 @@ def check(results: dict) -> list[str]:
         for key in ("python_client", "page_data", "page_drawn", "old_page_data", "old_page_drawn"):
             if key in entry and entry[key]["count"] == 0:
                 problems.append(f"{SCHEMES[scheme]}: {key} saw no batch")
-    project = results["schemes"].get("project")
-    if project and (project["missed_rows"] or project["rows_delivered"] != project["distinct_rows_sent"]):
-        problems.append(f"this project: {project['missed_rows']} rows missed, {project['rows_delivered']:,} "
-                        f"delivered for {project['distinct_rows_sent']:,} sent (must be exactly once)")
+    for scheme in PROJECT_SERVERS:
+        project = results["schemes"].get(scheme)
+        if project and (project["missed_rows"] or project["rows_delivered"] != project["distinct_rows_sent"]):
+            problems.append(f"{SCHEMES[scheme]}: {project['missed_rows']} rows missed, {project['rows_delivered']:,} "
+                            f"delivered for {project['distinct_rows_sent']:,} sent (must be exactly once)")
     return problems
 
 
@@ -925,6 +949,16 @@ def serve_predecessor(port: int, page: Path, interval: float = 0.25) -> int:
     return 0
 
 
+def serve_old_poll(port: int, interval: float) -> int:
+    """This project's server, but every poll fetches the whole overlap window
+    again, as it did before the window check: the scheme issue 9 replaced."""
+    import perspective_server
+    import tailer
+
+    tailer.Tail._window_unchanged = lambda self: False  # always "something committed late"
+    return perspective_server.main(["--port", str(port), "--interval", str(interval), "--show-key"])
+
+
 # ---- main ----------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -941,7 +975,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--server-interval", type=float, default=0.1, metavar="SECONDS",
                         help="diagnosis: perspective_server.py --interval (default 0.1, its default); "
                              "the predecessor always polls every 0.25 s")
-    parser.add_argument("--only", choices=sorted(SCHEMES), help="run one scheme alone (default: both at once)")
+    parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=["project", "predecessor"],
+                        help="servers measured side by side in one run (default: project predecessor); "
+                             "old-poll is this project's server fetching the whole overlap window on every poll")
+    parser.add_argument("--only", choices=sorted(SCHEMES), help="run one scheme alone")
     parser.add_argument("--no-browser", action="store_true", help="hop 1 only")
     parser.add_argument("--probe-rows", type=int, default=1000,
                         help="newest rows the page probe reads on each update (default 1000)")
@@ -956,6 +993,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny run for CI: --seconds 8 --warmup 0")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     parser.add_argument("--serve-predecessor", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-old-poll", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--predecessor-page", default=str(REPO / "index.html"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -971,6 +1009,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.serve_predecessor:
         return serve_predecessor(args.serve_predecessor, Path(args.predecessor_page))
+    if args.serve_old_poll:
+        return serve_old_poll(args.serve_old_poll, args.server_interval)
     started = time.monotonic()
     results = run(args)
     results["wall_s"] = time.monotonic() - started

@@ -306,11 +306,12 @@ def test_a_key_stored_twice_in_different_backfill_chunks_is_shown_once(new_clien
     producer.create_table(client)
     now_us = time.time_ns() // 1000
     rows = producer.Market(seed=8).batch(1_000, now_us // 1000)
-    insert_with_cursor(client, rows, now_us - 1_000_000)
-    insert_with_cursor(client, rows.slice(0, 100), now_us)  # the retry, a second later
+    for batch in range(10):  # ten inserts, a millisecond apart
+        insert_with_cursor(client, rows.slice(100 * batch, 100), now_us - 1_000_000 + 1_000 * batch)
+    insert_with_cursor(client, rows.slice(0, 100), now_us)  # the first one retried, a second later
     sync = make_sync(new_client())
     chunks = list(sync.tail.backfill(10_000, chunk_rows=300))
-    assert len(chunks) > 1, "the backfill came in one chunk; the test needs several"
+    assert len(chunks) == 4, "the backfill did not come in pages of about 300 rows"
     assert sum(chunk.num_rows for chunk in chunks) == 1_000
     for chunk in chunks:
         sync.push(chunk)
@@ -318,6 +319,34 @@ def test_a_key_stored_twice_in_different_backfill_chunks_is_shown_once(new_clien
     assert sorted(shown) == sorted(str(key) for key in rows.column("id").to_pylist())
     assert [sync.poll() for _ in range(3)] == [0, 0, 0]
     assert sync.tail.rows_returned == 0 and sync.tail.window_rereads == 0
+
+
+def test_a_paged_backfill_takes_exactly_the_newest_limit_rows(new_client):
+    """Above chunk_rows the backfill reads in pages by cursor range; the
+    oldest page takes only what the limit leaves room for, even when its
+    cursor value is shared by more rows, and the first polls add nothing."""
+    client = new_client()
+    producer.create_table(client)
+    now_us = time.time_ns() // 1000
+    rows = producer.Market(seed=9).batch(1_000, now_us // 1000)
+    for batch in range(10):
+        insert_with_cursor(client, rows.slice(100 * batch, 100), now_us - 1_000_000 + 1_000 * batch)
+    sync = make_sync(new_client(), limit=250)
+    pages = list(sync.tail.backfill(250, chunk_rows=100))
+    assert [page.num_rows for page in pages] == [50, 100, 100]
+    for page in pages:
+        sync.push(page)
+    shown = ids_in_perspective(sync.table)
+    newest_two = {str(key) for key in rows.column("id").to_pylist()[800:]}
+    assert len(shown) == len(set(shown)) == 250
+    assert newest_two <= set(shown) <= {str(key) for key in rows.column("id").to_pylist()[700:]}
+    assert [sync.poll() for _ in range(3)] == [0, 0, 0]
+    assert sync.tail.rows_returned == 0
+
+    worker = make_producer(new_client())
+    worker.make_batch()
+    worker.flush()
+    assert sync.poll() == ROWS_PER_BATCH
 
 
 def test_a_poll_fetches_only_new_rows_when_nothing_committed_late(new_client):
