@@ -161,6 +161,7 @@ SCHEMES = {"project": "this project", "old-poll": "old poll scheme", "predecesso
 # the whole overlap window on every poll (see serve_old_poll).
 PROJECT_SERVERS = ("project", "old-poll")
 OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project's server
+THROTTLE_PAGE = "project-throttle"  # the dashboard again, its viewers with --compare-throttle
 # The last commit whose index.html was one grid (before the dashboard).
 OLD_PAGE_REF = "4ee2ee41a1909448ddc42bf2bf34dfbf1cca4fda:index.html"
 TARGET_BROWSER_P95_MS = 500
@@ -480,7 +481,7 @@ class Pages:
         self.routers: list = []
 
     def open(self, urls: dict[str, str], probe_rows: int, throttle_ms: float | None = None,
-             documents: dict[str, bytes] | None = None) -> None:
+             documents: dict[str, bytes] | None = None, throttles: dict[str, float | None] | None = None) -> None:
         """Loads every page at once, then installs the probe in each.
 
         `documents` replaces the HTML served at some of the URLs (the old page,
@@ -501,7 +502,10 @@ class Pages:
             except Exception:
                 self.assert_ok()
                 raise RuntimeError(f"{urls[scheme]} never went live; console: {consoles[scheme].errors}") from None
-            if throttle_ms is not None:
+            if throttles and scheme in throttles:  # None: the viewer's adaptive throttle
+                page.evaluate("(ms) => document.querySelectorAll('perspective-viewer')"
+                              ".forEach((viewer) => viewer.setThrottle(ms))", throttles[scheme])
+            elif throttle_ms is not None:
                 page.evaluate("(ms) => document.querySelectorAll('perspective-viewer')"
                               ".forEach((viewer) => viewer.setThrottle(ms))", throttle_ms)
             page.evaluate(PAGE_PROBE, probe_rows)
@@ -682,7 +686,11 @@ def run(args) -> dict:
             if old_page is not None and "project" in ports and not args.smoke:
                 urls[OLD_PAGE] = f"http://127.0.0.1:{ports['project']}/?old-page"
                 documents[OLD_PAGE] = old_page
-            pages.open(urls, args.probe_rows, args.page_throttle, documents)
+            throttles = {}
+            if args.compare_throttle is not None and "project" in ports:
+                urls[THROTTLE_PAGE] = f"http://127.0.0.1:{ports['project']}/?compare-throttle"
+                throttles[THROTTLE_PAGE] = None if args.compare_throttle == "adaptive" else float(args.compare_throttle)
+            pages.open(urls, args.probe_rows, args.page_throttle, documents, throttles)
         meters = {scheme: CpuMeter(server.pid).start() for scheme, server in servers.items()}
         meters["chdb_http"] = CpuMeter(harness.proc.pid).start()
         measure.go.set()
@@ -721,7 +729,7 @@ def summarize(args, schemes, measure, browser_results, meters, stored, info, log
     results = {"machine": info, "settings": {
         "seconds": args.seconds, "warmup_s": args.warmup, "batch_size": args.batch_size,
         "batch_interval_s": args.batch_interval, "jitter_s": args.jitter, "server_interval_s": args.server_interval,
-        "page_throttle_ms": args.page_throttle, "schemes": schemes},
+        "page_throttle_ms": args.page_throttle, "compare_throttle": args.compare_throttle, "schemes": schemes},
         "batches_sent": len(feed.sent), "batches_counted": len(batches), "rows_stored": stored,
         "insert_call_ms": stats(s.insert_s * 1000 for s in counted), "schemes": {}}
     for scheme in schemes:
@@ -768,6 +776,11 @@ def summarize(args, schemes, measure, browser_results, meters, stored, info, log
             entry["old_page_data"] = stats(lags_from({int(k): v for k, v in old["data"].items()}, batches, 1))
             entry["old_page_drawn"] = stats(lags_from({int(k): v for k, v in old["drawn"].items()}, batches, 1))
             entry["old_page_errors"] = old["errors"][:5]
+        other = browser_results.get(THROTTLE_PAGE) if scheme == "project" else None
+        if other is not None:
+            entry["throttle_page_data"] = stats(lags_from({int(k): v for k, v in other["data"].items()}, batches, 1))
+            entry["throttle_page_drawn"] = stats(lags_from({int(k): v for k, v in other["drawn"].items()}, batches, 1))
+            entry["throttle_page_errors"] = other["errors"][:5]
         entry["steps_ms"] = {step: stats(values) for step, values in steps.items()}
         results["schemes"][scheme] = entry
     if "chdb_http" in meters:
@@ -825,7 +838,9 @@ def print_results(results: dict) -> None:
             ("page_data", "2. insert -> page, data (on_update)"),
             ("page_drawn", "2. insert -> page, drawn (flush+frame)"),
             ("old_page_data", "2. insert -> old page, data"),
-            ("old_page_drawn", "2. insert -> old page, drawn"))
+            ("old_page_drawn", "2. insert -> old page, drawn"),
+            ("throttle_page_data", f"2. insert -> setThrottle({settings.get('compare_throttle')}) page, data"),
+            ("throttle_page_drawn", f"2. insert -> setThrottle({settings.get('compare_throttle')}) page, drawn"))
     for scheme, entry in results["schemes"].items():
         for i, (key, label) in enumerate(hops):
             if key not in entry:
@@ -861,7 +876,7 @@ def print_results(results: dict) -> None:
     for scheme, entry in results["schemes"].items():
         print(f"{SCHEMES[scheme]}: {entry['rows_delivered']:,} rows delivered to the Python client for "
               f"{entry['distinct_rows_sent']:,} sent ({entry['distinct_rows_delivered']:,} distinct)")
-        for key in ("python_errors", "page_errors", "old_page_errors"):
+        for key in ("python_errors", "page_errors", "old_page_errors", "throttle_page_errors"):
             if entry.get(key):
                 print(f"  {key}: {entry[key]}")
     project = results["schemes"].get("project", {}).get("page_drawn")
@@ -880,7 +895,8 @@ def print_results(results: dict) -> None:
 def check(results: dict) -> list[str]:
     problems = []
     for scheme, entry in results["schemes"].items():
-        for key in ("python_client", "page_data", "page_drawn", "old_page_data", "old_page_drawn"):
+        for key in ("python_client", "page_data", "page_drawn", "old_page_data", "old_page_drawn",
+                    "throttle_page_data", "throttle_page_drawn"):
             if key in entry and entry[key]["count"] == 0:
                 problems.append(f"{SCHEMES[scheme]}: {key} saw no batch")
     for scheme in PROJECT_SERVERS:
@@ -984,6 +1000,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="newest rows the page probe reads on each update (default 1000)")
     parser.add_argument("--page-throttle", type=float, metavar="MS",
                         help="diagnosis: viewer.setThrottle(MS) in the pages (default: the viewer's adaptive throttle)")
+    parser.add_argument("--compare-throttle", metavar="MS|adaptive",
+                        help="diagnosis: a second dashboard on this project's server, in the same run, its "
+                             "viewers with setThrottle(MS) ('adaptive': the viewer's own throttle)")
     parser.add_argument("--old-page", default=OLD_PAGE_REF, metavar="GIT_REF:PATH",
                         help=f"the page before the dashboard (git show GIT_REF:PATH; default {OLD_PAGE_REF}): "
                              "measured on this project's server beside the dashboard (not with --smoke), and "
@@ -1000,6 +1019,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seconds, args.warmup, args.drain = 8, 0, 5
     if args.seconds <= 0 or args.warmup < 0 or args.batch_size < 1 or args.batch_interval <= 0:
         parser.error("--seconds, --batch-size and --batch-interval must be positive, --warmup >= 0")
+    if args.compare_throttle not in (None, "adaptive"):
+        try:
+            if float(args.compare_throttle) < 0:
+                raise ValueError
+        except ValueError:
+            parser.error("--compare-throttle must be a number of ms >= 0, or 'adaptive'")
     if not 0 <= args.jitter < args.batch_interval:
         parser.error("--jitter must be at least 0 and less than --batch-interval")
     return args
