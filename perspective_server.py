@@ -194,7 +194,7 @@ class Sync:
         return rows.num_rows
 
     def backfill(self, limit: int) -> int:
-        """Loads the newest `limit` rows, one chunk while the next is read."""
+        """Loads the newest `limit` rows, one page while the next is read."""
         return sum(self.push(chunk) for chunk in read_ahead(self.tail.backfill(limit)))
 
     def poll(self) -> int:
@@ -210,11 +210,9 @@ class Sync:
 def read_ahead(chunks: Iterator[pa.Table], depth: int = 2) -> Iterator[pa.Table]:
     """Runs `chunks` on a thread, at most `depth` chunks ahead of the caller.
 
-    ClickHouse (reading) and Perspective (loading) both work outside
-    Python's GIL, so when the driver streams (HTTP to a server) a backfill
-    takes about as long as the slower of the two instead of their sum.
-    clickhouse-connect's chDB backend runs the whole query before its first
-    chunk, so embedded, the two still add up (bench/README.md).
+    ClickHouse (reading a page) and Perspective (loading the one before)
+    both work outside Python's GIL, so a backfill of several pages takes
+    about as long as loading them, not loading plus reading (bench/README.md).
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     done = object()

@@ -5,9 +5,10 @@ embedded ClickHouse (chDB, in memory) with N rows from `producer.Market`, then
 times the ways of loading those same N rows into a fresh Perspective table:
 
   a. this project's path, exactly what perspective_server.py runs at start:
-     `Sync(tail, table).backfill(N)`: `Tail.backfill` streams the rows in
-     Arrow chunks (query_arrow_stream) while a second thread hands each
-     chunk to `Table.update(arrow_table)`;
+     `Sync(tail, table).backfill(N)`: `Tail.backfill` reads the rows in
+     pages of up to a million (one Arrow query each, by cursor range) on a
+     second thread, while this one hands the page before to
+     `Table.update(arrow_table)`;
   b. the predecessor's path: `query_df("SELECT * ...")` ->
      `df.to_dict("records")` -> `Table.update(records)`. Perspective 4.3.0
      serialises a list of dicts with Python's json module, which rejects
@@ -87,7 +88,7 @@ START_MS = 1_700_000_000_000  # event time (ms) of the first batch; later batche
 OVERLAP = 3.0  # perspective_server.py's default --overlap
 
 PATHS = {
-    "tail": "a. streamed Tail -> update (this)",
+    "tail": "a. paged Tail -> update (this)",
     "records": "b. query_df -> records -> update",
     "ceiling": "c. update(IPC) only (ceiling)",
     "chunked": "d. update(IPC) in a.'s chunks",
