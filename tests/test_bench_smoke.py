@@ -6,6 +6,7 @@ anything is: timings on a shared CI machine say nothing.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +14,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_sync_throughput_benchmark_runs_all_three_paths():
+def test_sync_throughput_benchmark_runs_all_four_paths():
     result = subprocess.run(
         [sys.executable, "bench/sync_throughput.py", "--rows", "5000", "--repeat", "1"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    for path in ("a. streamed Tail -> update (this)", "b. query_df -> records -> update",
-                 "c. update(IPC) only (ceiling)"):
+    for path in ("a. paged Tail -> update (this)", "b. query_df -> records -> update",
+                 "c. update(IPC) only (ceiling)", "d. update(IPC) in a.'s chunks"):
         assert path in result.stdout
     # The server's own column set (key hidden) and the id variant, side by side.
     assert "key-hidden" in result.stdout and "with-id" in result.stdout
@@ -36,6 +37,15 @@ def test_freshness_benchmark_measures_both_hops_for_both_schemes():
     output = run_bench("freshness.py", "--smoke")
     for row in ("1. insert -> Python client (ws)", "2. insert -> page, drawn (flush+frame)", "predecessor"):
         assert row in output
+
+
+def test_freshness_benchmark_serves_the_old_poll_scheme_beside_the_new():
+    # No browser: the Python hop is enough to see both servers deliver every
+    # row exactly once (the bench exits 1 otherwise).
+    output = run_bench("freshness.py", "--smoke", "--no-browser", "--schemes", "project", "old-poll")
+    assert "old poll scheme  1. insert -> Python client (ws)" in output
+    delivered = re.search(r"old poll scheme: ([\d,]+) rows delivered to the Python client for ([\d,]+) sent", output)
+    assert delivered and delivered.group(1) == delivered.group(2) != "0", output[-1500:]
 
 
 def test_fanout_benchmark_reports_every_viewer_complete():
