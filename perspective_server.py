@@ -75,6 +75,7 @@ class ServerSettings:
     show_key: bool = False
     limits: ViewerLimits = ViewerLimits()
     history: history.Limits | None = history.Limits()  # None: --no-history
+    check_every: float = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -90,7 +91,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     parser.add_argument("--limit", type=int, default=10_000,
                         help="rows kept in the browser table, oldest dropped first (default 10,000)")
     parser.add_argument("--overlap", type=float, default=3.0,
-                        help="seconds re-read each poll to catch late commits (default 3)")
+                        help="how late, in seconds, a row may commit after ClickHouse stamped it and "
+                             "still be delivered (default 3)")
+    parser.add_argument("--check-every", type=float, default=1.0, metavar="SECONDS",
+                        help="seconds between checks of the overlap for late commits (default 1; 0: every "
+                             "poll). Rows on time arrive at the next poll either way; a late one waits "
+                             "for the next check")
     parser.add_argument("--table", default=connection.TABLE, help="table to tail (default stock_values)")
     parser.add_argument("--cursor", default="inserted_at",
                         help="DateTime64 column ClickHouse stamps at insert (default inserted_at)")
@@ -114,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error("--limit must be at least 1")
     if args.overlap < 0:
         parser.error("--overlap must be zero or more seconds")
+    if args.check_every < 0:
+        parser.error("--check-every must be zero or more seconds")
     if args.table_wait < 0:
         parser.error("--table-wait must be zero or more seconds")
     try:
@@ -123,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
                               args.table_wait, args.show_key, viewers.limits_from_args(args, parser),
-                              history.limits_from_args(args, parser))
+                              history.limits_from_args(args, parser), check_every=args.check_every)
     return settings, ch
 
 
@@ -375,7 +383,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
 
-    tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden)
+    tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden,
+                check_every=settings.check_every)
     if await wait_for_table(tail, run, stop, settings.table_wait):
         sync = await start_sync(tail, perspective_server, settings, run)
         await sync_forever(sync, settings, run, stop)
@@ -394,9 +403,9 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
 def main(argv: list[str] | None = None) -> int:
     connection.setup_logging()
     settings, ch = parse_args(argv)
-    log.info("%s; table %s (cursor %s, key %s); poll every %.2f s, overlap %.1f s, limit %s rows",
-             ch.describe(), settings.table, settings.cursor, settings.key or "whole row",
-             settings.interval, settings.overlap, f"{settings.limit:,}")
+    log.info("%s; table %s (cursor %s, key %s); poll every %.2f s, overlap %.1f s checked every %.1f s, "
+             "limit %s rows", ch.describe(), settings.table, settings.cursor, settings.key or "whole row",
+             settings.interval, settings.overlap, settings.check_every, f"{settings.limit:,}")
     if settings.history:
         log.info("history at /history: each query up to %g s, %s rows, %d MB; split-by shows %d values",
                  settings.history.timeout, f"{settings.history.max_rows:,}", settings.history.max_memory >> 20,

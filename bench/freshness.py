@@ -972,7 +972,8 @@ def serve_old_poll(port: int, interval: float) -> int:
     import tailer
 
     tailer.Tail._window_unchanged = lambda self: False  # always "something committed late"
-    return perspective_server.main(["--port", str(port), "--interval", str(interval), "--show-key"])
+    return perspective_server.main(["--port", str(port), "--interval", str(interval), "--show-key",
+                                    "--check-every", "0"])
 
 
 # ---- main ----------------------------------------------------------------

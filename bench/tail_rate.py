@@ -6,14 +6,16 @@ ClickHouse (chDB, in memory), as `perspective_server.py --embedded` does:
 * a producer thread inserts `--rate` rows per second, in one insert every
   0.5 s (the demo's cadence; ClickHouse prefers few large inserts);
 * a poll loop runs every `--interval` (0.1 s, the server's default) and,
-  on each tick, polls two tails of the same table one after the other,
+  on each tick, polls three tails of the same table one after the other,
   each into its own Perspective table:
 
-    new  tailer.Tail as the server runs it: one aggregate checks that the
-         overlap window holds exactly the keys already read, and only rows
-         past the watermark are fetched unless it does not;
-    old  the same Tail with that check switched off, so every poll fetches
-         the whole `--overlap` window again (the scheme before this one).
+    new   tailer.Tail as the server runs it: once every --check-every
+          (1 s), one aggregate checks that the overlap window holds exactly
+          the keys already read; every poll fetches only the rows past the
+          watermark, unless that check fails;
+    each  the same, checking the window on every poll (--check-every 0);
+    old   the same Tail with the check switched off, so every poll fetches
+          the whole `--overlap` window again (the scheme before both).
 
 For each tail it reports the rows ClickHouse returned per new row, the rows
 ClickHouse read per new row (system.events SelectedRows around each poll),
@@ -26,7 +28,7 @@ Run it from the repository root:
 
     python bench/tail_rate.py                                  # 2,000 rows/s for 60 s
     python bench/tail_rate.py --rates 2000 20000 100000 --seconds 60
-    python bench/tail_rate.py --smoke                          # 2 s at 2,000 rows/s (CI)
+    python bench/tail_rate.py --smoke                          # 3 s at 2,000 rows/s (CI)
     python bench/tail_rate.py --json tail_rate.json
 
 It exits 1 if a tail delivers a row twice or misses one.
@@ -83,7 +85,8 @@ class Subject:
         self.read += selected_rows(client) - before
 
 
-def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_only: bool = False) -> list[dict]:
+def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_only: bool = False,
+             check_every: float = 1.0) -> list[dict]:
     client = clickhouse_connect.get_client(dsn="chdb://memory")
     database = f"tail_rate_{rate}"
     client.command(f"DROP DATABASE IF EXISTS {database}")
@@ -95,7 +98,9 @@ def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_onl
     batch = max(1, int(rate * 0.5))
     worker = producer.Producer(writer, producer.ProducerSettings(interval=0.5, batch_size=batch, table=TABLE,
                                                                  max_pending_rows=batch * 100))
-    subjects = [Subject("new", Tail(client, TABLE, "inserted_at", "id", overlap, ("id",)), 10_000_000),
+    subjects = [Subject("new", Tail(client, TABLE, "inserted_at", "id", overlap, ("id",), check_every=check_every),
+                        10_000_000),
+                Subject("each", Tail(client, TABLE, "inserted_at", "id", overlap, ("id",)), 10_000_000),
                 Subject("old", RereadingTail(client, TABLE, "inserted_at", "id", overlap, ("id",)), 10_000_000)]
     if new_only:
         subjects = subjects[:1]
@@ -106,7 +111,8 @@ def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_onl
     next_tick = time.monotonic()
     ticks = 0
     while time.monotonic() < deadline:
-        for subject in subjects if ticks % 2 == 0 else reversed(subjects):  # alternate who goes first
+        shift = ticks % len(subjects)  # each tail goes first in turn
+        for subject in subjects[shift:] + subjects[:shift]:
             subject.poll(client)
         ticks += 1
         next_tick += interval
@@ -127,7 +133,7 @@ def run_rate(rate: int, seconds: float, interval: float, overlap: float, new_onl
             "rate": rate, "tail": subject.name, "seconds": seconds, "rows": stored, "polls": tail.polls,
             "returned_per_new_row": tail.rows_returned / max(1, stored),
             "read_per_new_row": subject.read / max(1, stored),
-            "window_rereads": tail.window_rereads,
+            "window_checks": tail.window_checks, "window_rereads": tail.window_rereads,
             "poll_p50_ms": float(np.percentile(subject.poll_ms, 50)),
             "poll_p95_ms": float(np.percentile(subject.poll_ms, 95)),
             "lag_p50_ms": float(np.percentile(lags, 50)) if len(lags) else None,
@@ -144,24 +150,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60, help="seconds per rate (default 60)")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between polls (default 0.1)")
     parser.add_argument("--overlap", type=float, default=3.0, help="overlap window, seconds (default 3)")
+    parser.add_argument("--check-every", type=float, default=1.0,
+                        help="the new tail's seconds between window checks (default 1, the server's)")
     parser.add_argument("--new-only", action="store_true",
                         help="poll only the server's own tail (to find the rate it keeps up with alone)")
-    parser.add_argument("--smoke", action="store_true", help="2 s at 2,000 rows/s")
+    parser.add_argument("--smoke", action="store_true", help="3 s at 2,000 rows/s")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rates, args.seconds = [2_000], 2.0
+        args.rates, args.seconds = [2_000], 3.0
     results = []
-    print(f"poll every {args.interval} s, overlap {args.overlap} s, one insert every 0.5 s; both tails polled each tick")
-    header = f"{'rows/s':>8}  {'tail':<4}  {'rows':>9}  {'returned/new':>12}  {'read/new':>9}  {'rereads':>8}  " \
+    print(f"poll every {args.interval} s, overlap {args.overlap} s, one insert every 0.5 s; every tail polled each "
+          f"tick; new checks the window every {args.check_every:g} s")
+    header = f"{'rows/s':>8}  {'tail':<4}  {'rows':>9}  {'returned/new':>12}  {'read/new':>9}  {'checks':>7}  " \
+             f"{'rereads':>8}  " \
              f"{'poll p50':>8}  {'p95':>6}  {'lag p50':>8}  {'p95':>7}  {'max':>7}  kept up"
     print(header)
     for rate in args.rates:
-        for row in run_rate(rate, args.seconds, args.interval, args.overlap, args.new_only):
+        for row in run_rate(rate, args.seconds, args.interval, args.overlap, args.new_only, args.check_every):
             results.append(row)
             kept = row["lag_p95_ms"] is not None and row["lag_p95_ms"] < 1000
             print(f"{rate:>8,}  {row['tail']:<4}  {row['rows']:>9,}  {row['returned_per_new_row']:>12.2f}  "
-                  f"{row['read_per_new_row']:>9.1f}  {row['window_rereads']:>8,}  {row['poll_p50_ms']:>6.1f}ms  "
+                  f"{row['read_per_new_row']:>9.1f}  {row['window_checks']:>7,}  {row['window_rereads']:>8,}  "
+                  f"{row['poll_p50_ms']:>6.1f}ms  "
                   f"{row['poll_p95_ms']:>4.0f}ms  {row['lag_p50_ms']:>6.0f}ms  "
                   f"{row['lag_p95_ms']:>5.0f}ms  {row['lag_max_ms']:>5.0f}ms  {'yes' if kept else 'NO'}", flush=True)
     summary = []

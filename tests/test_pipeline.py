@@ -29,8 +29,8 @@ def perspective_table(tail: Tail, limit: int = 1_000_000):
     return perspective.Server().new_local_client().table(to_ipc(tail.empty()), limit=limit)
 
 
-def make_sync(client, overlap=3.0, key="id", limit=1_000_000) -> Sync:
-    tail = Tail(client, "stock_values", "inserted_at", key, overlap)
+def make_sync(client, overlap=3.0, key="id", limit=1_000_000, check_every=0.0, clock=time.monotonic) -> Sync:
+    tail = Tail(client, "stock_values", "inserted_at", key, overlap, check_every=check_every, clock=clock)
     tail.describe()
     return Sync(tail, perspective_table(tail, limit))
 
@@ -122,14 +122,15 @@ def insert_with_cursor(client, rows: pa.Table, inserted_at_us: int) -> None:
     client.insert_arrow("stock_values", stamped)
 
 
-def test_exactly_once_with_concurrent_producers_and_late_commits(new_client):
+@pytest.mark.parametrize("check_every", [0.0, 0.2], ids=["check every poll", "check every 0.2 s"])
+def test_exactly_once_with_concurrent_producers_and_late_commits(new_client, check_every):
     """Two producers insert at once while the server polls; a batch commits late.
 
     Afterwards every ClickHouse row is in the Perspective table exactly once.
     """
     setup = new_client()
     producer.create_table(setup)
-    sync = make_sync(new_client(), overlap=3.0)
+    sync = make_sync(new_client(), overlap=3.0, check_every=check_every)
     stop = threading.Event()
     polls = []
 
@@ -161,6 +162,7 @@ def test_exactly_once_with_concurrent_producers_and_late_commits(new_client):
     time.sleep(0.3)
     stop.set()
     server.join()
+    time.sleep(check_every)  # so that the last poll checks the window
     sync.poll()
 
     in_clickhouse = ids_in_clickhouse(setup)
@@ -169,6 +171,36 @@ def test_exactly_once_with_concurrent_producers_and_late_commits(new_client):
     assert len(in_perspective) == len(set(in_perspective)), "a row was delivered twice"
     assert set(in_perspective) == set(in_clickhouse), "a row was lost"
     assert sum(polls) > 0 and len(polls) > 1, "the server must have polled while producers ran"
+
+
+def test_between_checks_polls_fetch_new_rows_and_a_late_row_waits_for_the_next_check(new_client):
+    """--check-every 1: the window is checked once a second, not every poll.
+    A row that commits 2.9 s late, while the watermark moves on by 1 s before
+    the next check, is still found: the window is widened by the period."""
+    now = [0.0]  # the Tail's clock, moved by hand
+    client = new_client()
+    worker = make_producer(client)
+    worker.make_batch()
+    worker.flush()
+    sync = make_sync(new_client(), overlap=3.0, check_every=1.0, clock=lambda: now[0])
+    sync.backfill(limit=10_000)
+    assert sync.poll() == 0 and sync.tail.window_checks == 1
+
+    watermark = sync.tail.cursor.watermark
+    late = producer.Market(seed=10).batch(10, time.time_ns() // 1_000_000)
+    insert_with_cursor(client, late, watermark - 2_900_000)
+    ahead = producer.Market(seed=11).batch(20, time.time_ns() // 1_000_000)
+    insert_with_cursor(client, ahead, watermark + 1_000_000)
+    now[0] = 0.5
+    assert sync.poll() == 20, "rows past the watermark arrive at once, between checks too"
+    assert sync.tail.window_checks == 1 and sync.tail.window_rereads == 0
+    now[0] = 1.0
+    assert sync.poll() == 10, "the check a second later finds the late rows"
+    assert sync.tail.window_checks == 2 and sync.tail.window_rereads == 1
+    now[0] = 2.0
+    assert sync.poll() == 0
+    shown = ids_in_perspective(sync.table)
+    assert len(shown) == len(set(shown)) == ROWS_PER_BATCH + 30
 
 
 def test_a_commit_later_than_the_overlap_is_not_delivered(new_client):

@@ -72,9 +72,9 @@ def test_producer_flags_override_defaults():
 def test_server_flags_override_defaults():
     settings, _ = perspective_server.parse_args([
         "--port", "9000", "--bind", "0.0.0.0", "--interval", "1", "--limit", "500",
-        "--overlap", "0", "--table", "trades", "--cursor", "arrived", "--key", "trade_id"])
+        "--overlap", "0", "--check-every", "0", "--table", "trades", "--cursor", "arrived", "--key", "trade_id"])
     assert settings == ServerSettings(port=9000, bind="0.0.0.0", interval=1.0, limit=500, overlap=0.0,
-                                      table="trades", cursor="arrived", key="trade_id")
+                                      table="trades", cursor="arrived", key="trade_id", check_every=0.0)
 
 
 def test_empty_key_means_compare_whole_rows():
@@ -154,6 +154,7 @@ def test_parts_missing_from_the_url_come_from_the_other_variables(monkeypatch):
     (perspective_server.parse_args, ["--port", "0"], "--port"),
     (perspective_server.parse_args, ["--limit", "0"], "--limit"),
     (perspective_server.parse_args, ["--overlap", "-1"], "--overlap"),
+    (perspective_server.parse_args, ["--check-every", "-1"], "--check-every"),
     (perspective_server.parse_args, ["--ch-port", "abc"], "--ch-port"),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_a_bad_value_exits_with_code_2_and_one_line_naming_the_flag(parse_args, argv, flag, capsys):
