@@ -370,10 +370,13 @@ class Tail:
         lower = self.cursor.lower_bound
         read_in_window = []
         loaded = _KeySet()
-        for where, parameters, newest_only in self._pages(newest, limit, chunk_rows):
-            select = f"SELECT {self._select()} FROM {quote(self.table)} WHERE {where} ORDER BY {self._cursor_column}"
-            if newest_only is not None:
-                select = (f"SELECT * FROM ({select} DESC LIMIT {int(newest_only)}) ORDER BY {CURSOR}")
+        for where, parameters, take_newest in self._pages(newest, limit, chunk_rows):
+            rows = f"SELECT {self._select()} FROM {quote(self.table)} WHERE {where}"
+            if take_newest is None:
+                select = f"{rows} ORDER BY {self._cursor_column}"
+            else:
+                select = (f"SELECT * FROM ({rows} ORDER BY {self._cursor_column} DESC LIMIT {int(take_newest)}) "
+                          f"ORDER BY {CURSOR}")
             page = self.client.query_arrow(select, parameters=parameters)
             keys = page.select([KEY, CURSOR])
             read_in_window.append(keys.filter(pc.greater_equal(keys.column(CURSOR), lower)))
