@@ -13,7 +13,7 @@ insert to the row being visible, with the demo's default settings
      viewers' table: `on_update` -> `to_columns()` of the newest rows
      ("data"), then `flush()` of every viewer on the page and one animation
      frame ("drawn": every view of the dashboard has redrawn with the
-     update). The target is drawn p95 <= 500 ms.
+     update). The target is drawn p95 <= 200 ms (issue 9; it was 500 ms).
 
 The page before the dashboard (one grid; --old-page, by default
 `git show` of index.html at the last commit before the dashboard) is
@@ -71,7 +71,8 @@ Run it from the repository root (needs `npm ci --prefix tests` and
     python bench/freshness.py --smoke                # CI: 8 s of inserts, < 20 s in all
     python bench/freshness.py --json freshness.json
 
-Sample output (2 cores, load average 3-4 from other work on the machine,
+Sample output, from before the dashboard and while the target was 500 ms
+(2 cores, load average 3-4 from other work on the machine,
 perspective-python 4.3.0, chDB 4.4.0 behind tests/chdb_http.py, Debian Chromium 156):
 
     $ python bench/freshness.py
@@ -164,7 +165,7 @@ OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project'
 THROTTLE_PAGE = "project-throttle"  # the dashboard again, its viewers with --compare-throttle
 # The last commit whose index.html was one grid (before the dashboard).
 OLD_PAGE_REF = "4ee2ee41a1909448ddc42bf2bf34dfbf1cca4fda:index.html"
-TARGET_BROWSER_P95_MS = 500
+TARGET_BROWSER_P95_MS = 200
 # perspective_server.py's 10-second report: lag from inserted_at to the Perspective table.
 SYNCED = re.compile(r"synced [\d,]+ rows \(\d+ rows/s\), lag p50 (\d+) ms / max (\d+) ms")
 
