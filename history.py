@@ -388,8 +388,19 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
                     for name in columns}
     cursor_sql = quote(cursor)
     source = quote(table)
-    flat = not group_by and not split_by and mode != "total"
-    flat_split = not group_by and split_by and mode != "total"
+    # No group-by: each row shows its own values, not aggregates.
+    per_row = not group_by and mode != "total"
+
+    def cell(name: str, condition: str | None) -> tuple[str, str]:
+        """One column's SQL and Perspective type; `condition` picks a split value."""
+        column = columns[name]
+        if per_row:
+            value = value_sql(column)
+            return (value if condition is None else f"if({condition}, {value}, NULL)"), column.perspective_type
+        aggregate = aggregate_of[name]
+        sql = (aggregate_sql(column, aggregate, cursor_sql) if condition is None
+               else split_cell_sql(column, aggregate, cursor_sql, condition))
+        return sql, aggregate_type(column, aggregate)
 
     items, kinds, names, schema = [], {}, {}, {}
     if split_by:
@@ -398,14 +409,8 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
             condition = split_condition(split, value, params)
             for position, name in enumerate(chosen):
                 alias = f"__c{index}_{position}"
-                if flat_split:
-                    # No group-by: each row shows its own value under its split value.
-                    items.append(f"if({condition}, {value_sql(columns[name])}, NULL) AS {alias}")
-                    kinds[alias] = columns[name].perspective_type
-                else:
-                    aggregate = aggregate_of[name]
-                    items.append(f"{split_cell_sql(columns[name], aggregate, cursor_sql, condition)} AS {alias}")
-                    kinds[alias] = aggregate_type(columns[name], aggregate)
+                sql, kinds[alias] = cell(name, condition)
+                items.append(f"{sql} AS {alias}")
                 names[alias] = f"{split_label(value)}|{name}"
                 # Perspective's VirtualServer names schema entries by the text
                 # after the last "_": "<value>_<column>" gives the column.
@@ -413,13 +418,8 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
     else:
         for position, name in enumerate(chosen):
             alias = f"__c{position}"
-            if flat:
-                items.append(f"{value_sql(columns[name])} AS {alias}")
-                kinds[alias] = columns[name].perspective_type
-            else:
-                aggregate = aggregate_of[name]
-                items.append(f"{aggregate_sql(columns[name], aggregate, cursor_sql)} AS {alias}")
-                kinds[alias] = aggregate_type(columns[name], aggregate)
+            sql, kinds[alias] = cell(name, None)
+            items.append(f"{sql} AS {alias}")
             names[alias] = name
             schema[name] = kinds[alias]
     select = ", ".join(items) if items else "1 AS __none"

@@ -168,8 +168,7 @@ class _KeySet:
 
     def drop_known(self, rows: pa.Table) -> pa.Table:
         if self.pending:
-            # Sorted runs: a stable sort merges them in about linear time.
-            self.sorted = np.sort(np.concatenate([self.sorted, *self.pending]), kind="stable")
+            self.sorted = np.sort(np.concatenate([self.sorted, *self.pending]))
             self.pending = []
         if not len(self.sorted) or not rows.num_rows:
             return rows
@@ -182,7 +181,7 @@ class _KeySet:
         return rows.filter(pa.array(~np.isin(keys, self.sorted)))
 
     def add(self, keys: pa.ChunkedArray) -> None:
-        self.pending.append(np.sort(keys.to_numpy()))
+        self.pending.append(keys.to_numpy())
 
 
 class TableNotFound(Exception):

@@ -99,7 +99,8 @@ perspective-python 4.3.0, chDB 4.4.0 behind tests/chdb_http.py, Debian Chromium 
 
 Most of the lag is the wait for the next poll (uniform over 0-250 ms, so
 about 125 ms at p50 and 240 ms at p95), then the viewer's redraw (~100 ms,
-part of it its adaptive render throttle: --page-throttle 0 shows how much),
+part of it the viewers' adaptive render throttle, which the page now turns
+off: --compare-throttle adaptive shows how much),
 then the poll itself, the insert and the websocket (tens of ms each). Both
 schemes poll every 250 ms, so their freshness is alike. Three full runs on
 this machine gave a drawn p95 of 396, 462 and 478 ms, depending on the other
@@ -134,7 +135,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -225,16 +225,12 @@ class Program:
         return self.log_path.read_text(errors="replace")
 
     def wait_http(self, url: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(url, timeout=1) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.1)
+        from servers import serves
+
+        if serves(url, self.proc, timeout):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
         raise RuntimeError(f"{self.name} did not answer {url} in {timeout:g} s:\n{self.log()}")
 
     def stop(self) -> int:
@@ -481,8 +477,8 @@ class Pages:
         self.pages: dict[str, object] = {}
         self.routers: list = []
 
-    def open(self, urls: dict[str, str], probe_rows: int, throttle_ms: float | None = None,
-             documents: dict[str, bytes] | None = None, throttles: dict[str, float | None] | None = None) -> None:
+    def open(self, urls: dict[str, str], probe_rows: int, documents: dict[str, bytes] | None = None,
+             throttles: dict[str, float | None] | None = None) -> None:
         """Loads every page at once, then installs the probe in each.
 
         `documents` replaces the HTML served at some of the URLs (the old page,
@@ -506,9 +502,6 @@ class Pages:
             if throttles and scheme in throttles:  # None: the viewer's adaptive throttle
                 page.evaluate("(ms) => document.querySelectorAll('perspective-viewer')"
                               ".forEach((viewer) => viewer.setThrottle(ms))", throttles[scheme])
-            elif throttle_ms is not None:
-                page.evaluate("(ms) => document.querySelectorAll('perspective-viewer')"
-                              ".forEach((viewer) => viewer.setThrottle(ms))", throttle_ms)
             page.evaluate(PAGE_PROBE, probe_rows)
 
     def wait(self, seconds: float) -> None:
@@ -687,11 +680,11 @@ def run(args) -> dict:
             if old_page is not None and "project" in ports and not args.smoke:
                 urls[OLD_PAGE] = f"http://127.0.0.1:{ports['project']}/?old-page"
                 documents[OLD_PAGE] = old_page
-            throttles = {}
+            throttles = {} if args.page_throttle is None else {scheme: args.page_throttle for scheme in urls}
             if args.compare_throttle is not None and "project" in ports:
                 urls[THROTTLE_PAGE] = f"http://127.0.0.1:{ports['project']}/?compare-throttle"
                 throttles[THROTTLE_PAGE] = None if args.compare_throttle == "adaptive" else float(args.compare_throttle)
-            pages.open(urls, args.probe_rows, args.page_throttle, documents, throttles)
+            pages.open(urls, args.probe_rows, documents, throttles)
         meters = {scheme: CpuMeter(server.pid).start() for scheme, server in servers.items()}
         meters["chdb_http"] = CpuMeter(harness.proc.pid).start()
         measure.go.set()
@@ -772,16 +765,14 @@ def summarize(args, schemes, measure, browser_results, meters, stored, info, log
                                                            if ts in data and ts in drawn]
             for name, flushed in page.get("flushed", {}).items():
                 steps[f"  of which: page data -> {name} flushed"] = flushed
-        old = browser_results.get(OLD_PAGE) if scheme == "project" else None
-        if old is not None:
-            entry["old_page_data"] = stats(lags_from({int(k): v for k, v in old["data"].items()}, batches, 1))
-            entry["old_page_drawn"] = stats(lags_from({int(k): v for k, v in old["drawn"].items()}, batches, 1))
-            entry["old_page_errors"] = old["errors"][:5]
-        other = browser_results.get(THROTTLE_PAGE) if scheme == "project" else None
-        if other is not None:
-            entry["throttle_page_data"] = stats(lags_from({int(k): v for k, v in other["data"].items()}, batches, 1))
-            entry["throttle_page_drawn"] = stats(lags_from({int(k): v for k, v in other["drawn"].items()}, batches, 1))
-            entry["throttle_page_errors"] = other["errors"][:5]
+        # The extra pages on this project's server: the old one-grid page, and
+        # the dashboard with another render throttle.
+        for extra, prefix in ((OLD_PAGE, "old_page"), (THROTTLE_PAGE, "throttle_page")):
+            other = browser_results.get(extra) if scheme == "project" else None
+            if other is not None:
+                for hop in ("data", "drawn"):
+                    entry[f"{prefix}_{hop}"] = stats(lags_from({int(k): v for k, v in other[hop].items()}, batches, 1))
+                entry[f"{prefix}_errors"] = other["errors"][:5]
         entry["steps_ms"] = {step: stats(values) for step, values in steps.items()}
         results["schemes"][scheme] = entry
     if "chdb_http" in meters:
@@ -1001,7 +992,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--probe-rows", type=int, default=1000,
                         help="newest rows the page probe reads on each update (default 1000)")
     parser.add_argument("--page-throttle", type=float, metavar="MS",
-                        help="diagnosis: viewer.setThrottle(MS) in the pages (default: the viewer's adaptive throttle)")
+                        help="diagnosis: viewer.setThrottle(MS) in every page (default: what the page sets)")
     parser.add_argument("--compare-throttle", metavar="MS|adaptive",
                         help="diagnosis: a second dashboard on this project's server, in the same run, its "
                              "viewers with setThrottle(MS) ('adaptive': the viewer's own throttle)")

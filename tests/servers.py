@@ -48,17 +48,10 @@ class Server:
         return self.log_path.read_text(errors="replace")
 
     def wait_ready(self):
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"perspective_server.py exited early ({self.proc.returncode}):\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.url, timeout=1) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
+        if serves(self.url, self.proc, STARTUP_TIMEOUT_S):
+            return
+        if self.proc.poll() is not None:
+            pytest.fail(f"perspective_server.py exited early ({self.proc.returncode}):\n{self.log()}")
         pytest.fail(f"perspective_server.py did not answer {self.url} in {STARTUP_TIMEOUT_S} s:\n{self.log()}")
 
     def stop(self) -> int:
@@ -129,16 +122,23 @@ async def open_viewer(port: int, origin: str | None = None):
     return client, socket, asyncio.ensure_future(pump())
 
 
-def wait_for_page(url: str, server: "Program", others: tuple["Program", ...] = ()) -> None:
-    """Waits until perspective_server.py serves `url`; fails with every log if it never does."""
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline and server.proc.poll() is None:
+def serves(url: str, proc, timeout: float) -> bool:
+    """True once `url` answers 200; False if the process `proc` exits first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
         try:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
-                    return
+                    return True
         except OSError:
-            time.sleep(0.2)
+            time.sleep(0.1)
+    return False
+
+
+def wait_for_page(url: str, server: "Program", others: tuple["Program", ...] = ()) -> None:
+    """Waits until perspective_server.py serves `url`; fails with every log if it never does."""
+    if serves(url, server.proc, STARTUP_TIMEOUT_S):
+        return
     pytest.fail(f"perspective_server.py never served {url}:\n" + "\n".join(p.log() for p in [server, *others]))
 
 
