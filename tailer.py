@@ -23,16 +23,30 @@ What this module does instead:
   the whole window again and drops the keys it already delivered. So a row
   is fetched once, not overlap / interval (30) times, and the check reads
   the window once a second, not ten times.
-* Checking less often than every poll does not weaken the guarantee: the
-  window is widened by the check period, so a late row still inside the
-  overlap when it commits is still inside the window at the next check. It
-  waits for that check (up to a second); rows on time do not wait.
+* The window a check compares starts `overlap` before the watermark of the
+  last check that *succeeded*, not before today's watermark. Between two
+  checks the watermark moves on (a second of new rows, or more: a slow poll,
+  or an outage and the rows written after it), and a row that committed late
+  meanwhile has a cursor older than the newer watermark allows. Anchored to
+  the last good check, a failed or delayed check only makes the next one
+  wider; it never lets a row fall out of it.
 * The backfill (the newest --limit rows, at start) remembers the keys of
   every row in the window, including the ones it leaves out, so the first
   poll does not deliver them.
 
-A row that becomes visible more than `overlap` seconds after its cursor was
-stamped is missed. Raise --overlap if your inserts can take longer to commit.
+The guarantee: every row that becomes visible within `overlap` seconds of
+its cursor is delivered exactly once. A row on time (cursor past the
+watermark) arrives at the next poll; a late one at the first check that
+succeeds after it commits: within --check-every plus a poll, or, after an
+outage, at the first check once ClickHouse is back. A row that becomes
+visible more than `overlap` seconds after its cursor was stamped is missed.
+Raise --overlap if your inserts can take longer to commit.
+
+Why anchoring is enough: a row not yet visible at the last good check
+became visible after it, so after the watermark that check covered (that
+watermark is the cursor of a row already read, stamped earlier still).
+Visible within `overlap` of its cursor, its cursor is then later than that
+watermark minus `overlap`: inside the next check's window.
 
 `Cursor` is the pure bookkeeping (tested without a database); `Tail` is the
 SQL around it.
@@ -62,13 +76,17 @@ class Cursor:
 
     overlap_us: int
     watermark: int | None = None
+    # The watermark when the window was last compared, or read whole, and
+    # found delivered: every row visible then, up to here, is delivered.
+    checked_up_to: int | None = None
     delivered: pa.Table = field(default_factory=lambda: pa.table({KEY: pa.array([], pa.string()),
                                                                  CURSOR: pa.array([], pa.int64())}))
 
     @property
     def lower_bound(self) -> int | None:
-        """The smallest cursor value the next poll must read, or None for all."""
-        return None if self.watermark is None else self.watermark - self.overlap_us
+        """The smallest cursor a row not yet read can have, or None for all:
+        `overlap` before the last good check (module docstring)."""
+        return None if self.checked_up_to is None else self.checked_up_to - self.overlap_us
 
     def accept(self, rows: pa.Table) -> pa.Table:
         """Returns the rows not delivered before and records them as delivered.
@@ -96,8 +114,21 @@ class Cursor:
         """Starts from `watermark`, with `window` holding every key already in
         [watermark - overlap, watermark], one row each with its newest cursor
         (the backfill reads it grouped from ClickHouse)."""
-        self.watermark = watermark
+        self.watermark = self.checked_up_to = watermark
         self.delivered = window
+
+    def checked(self, up_to: int | None) -> None:
+        """Records a check that succeeded: the window up to `up_to` (the
+        watermark the check compared) holds only delivered keys. Keys below
+        the new lower bound are forgotten: no check will compare them again.
+
+        `up_to` None means a first read of the whole table: it covered
+        everything it returned, up to the watermark it set.
+        """
+        self.checked_up_to = self.watermark if up_to is None else up_to
+        if self.checked_up_to is not None:
+            self.delivered = self.delivered.filter(pc.greater_equal(self.delivered.column(CURSOR),
+                                                                    self.lower_bound))
 
     def advance(self, cursor_us: int) -> None:
         """Moves the watermark forward to `cursor_us` (never back)."""
@@ -106,7 +137,7 @@ class Cursor:
     def remember(self, rows: pa.Table) -> None:
         """Records the keys of `rows` as read, whether they were delivered or
         deliberately left out (rows older than the backfill), and forgets keys
-        that have fallen out of the overlap window.
+        that have fallen out of the window the next check compares.
 
         Each key is kept with the newest cursor it was read at: a second copy
         of a delivered row, stored later, must stay suppressed for as long as
@@ -205,15 +236,13 @@ class Tail:
     columns: list[Column] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     # Seconds between checks of the window for late commits (0: every poll).
-    # The window is widened by as much, so a row visible within
-    # overlap_seconds of its cursor is still caught; it may just wait for
-    # the next check, as only late rows do.
+    # A late row waits for the next check; rows on time do not wait.
     check_every: float = 0.0
     clock: Callable[[], float] = time.monotonic
 
     def __post_init__(self) -> None:
-        self.cursor = Cursor(overlap_us=int((self.overlap_seconds + self.check_every) * 1_000_000))
-        self._checked_at: float | None = None
+        self.cursor = Cursor(overlap_us=int(self.overlap_seconds * 1_000_000))
+        self._checked_at: float | None = None  # when the last check that succeeded started
         # Figures for the log and the benchmarks.
         self.polls = self.window_checks = self.window_rereads = self.rows_returned = 0
 
@@ -428,27 +457,33 @@ class Tail:
         cheap aggregate asks whether the window still holds exactly the keys
         already read; only when it does not (a late commit) is the window
         read again. Otherwise the poll asks for rows past the watermark alone.
+
+        A check counts only once the whole poll has succeeded: a check that
+        fails (ClickHouse down) is tried again on the next poll, and the
+        window stays anchored where the last good check left it.
         """
         self.polls += 1
-        lower = self.cursor.lower_bound
+        watermark, lower = self.cursor.watermark, self.cursor.lower_bound
+        started = self.clock()
+        checking = lower is None or self._check_due(started)
         if lower is None:
             rows = self._read("", {})
-        elif not self._check_due() or self._window_unchanged():
+        elif not checking or self._window_unchanged():
             rows = self._read(f"WHERE {self._cursor_column} > fromUnixTimestamp64Micro({{upper:Int64}}, 'UTC')",
-                              {"upper": self.cursor.watermark})
+                              {"upper": watermark})
         else:
             self.window_rereads += 1
             rows = self._read(f"WHERE {self._cursor_column} >= fromUnixTimestamp64Micro({{lower:Int64}}, 'UTC')",
                               {"lower": lower})
         self.rows_returned += rows.num_rows
-        return self._strip(self.cursor.accept(rows))
+        fresh = self.cursor.accept(rows)
+        if checking:
+            self.cursor.checked(watermark)
+            self._checked_at = started
+        return self._strip(fresh)
 
-    def _check_due(self) -> bool:
-        now = self.clock()
-        if self._checked_at is not None and now - self._checked_at < self.check_every:
-            return False
-        self._checked_at = now  # before the check runs: a commit after it waits for the next
-        return True
+    def _check_due(self, now: float) -> bool:
+        return self._checked_at is None or now - self._checked_at >= self.check_every
 
     def _window_unchanged(self) -> bool:
         self.window_checks += 1

@@ -1,8 +1,9 @@
 """tailer.Cursor: each row is delivered exactly once, in pure Arrow bookkeeping.
 
-A poll reads every row whose cursor is >= cursor.lower_bound (the watermark
-minus the overlap). The tests hand Cursor.accept() the tables such a poll
-would return; no database is involved.
+A checking poll reads every row whose cursor is >= cursor.lower_bound (the
+overlap before the watermark of the last check that succeeded). The tests
+hand Cursor.accept() the tables such a poll would return; no database is
+involved.
 """
 
 import bisect
@@ -26,6 +27,15 @@ def rows(*pairs: tuple[str, int]) -> pa.Table:
     })
 
 
+def poll(cursor: Cursor, table: pa.Table) -> pa.Table:
+    """What Tail.poll does with a poll that checked the window: accept the
+    rows, then record the check, up to the watermark it compared."""
+    compared = cursor.watermark
+    fresh = cursor.accept(table)
+    cursor.checked(compared)
+    return fresh
+
+
 def keys(table: pa.Table) -> list[str]:
     return table.column(KEY).to_pylist()
 
@@ -41,30 +51,47 @@ def test_a_new_cursor_reads_everything():
 def test_first_accept_returns_all_rows_and_sets_the_watermark_to_the_newest():
     cursor = Cursor(OVERLAP_US)
     first = rows(("a", T0), ("b", T0 + 5), ("c", T0 + 2))
-    fresh = cursor.accept(first)
+    fresh = poll(cursor, first)
     assert fresh.equals(first)
     assert cursor.watermark == T0 + 5
 
 
-def test_lower_bound_is_the_watermark_minus_the_overlap():
+def test_lower_bound_is_the_overlap_before_the_last_good_check():
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("a", T0)))
+    poll(cursor, rows(("a", T0)))  # a first read of everything covers what it read
     assert cursor.lower_bound == T0 - OVERLAP_US
+    # Polls between checks move the watermark, not the window's start: a row
+    # that committed late since the check may be older than the new watermark
+    # minus the overlap.
+    cursor.accept(rows(("b", T0 + 2_000_000)))
+    assert (cursor.watermark, cursor.lower_bound) == (T0 + 2_000_000, T0 - OVERLAP_US)
+    assert delivered_keys(cursor) == {"a", "b"}
+    cursor.checked(T0 + 2_000_000)
+    assert cursor.lower_bound == T0 + 2_000_000 - OVERLAP_US
+
+
+def test_a_check_forgets_only_the_keys_below_its_window():
+    cursor = Cursor(OVERLAP_US)
+    poll(cursor, rows(("a", T0), ("b", T0 + 1_000_000)))
+    cursor.accept(rows(("c", T0 + 5_000_000)))
+    assert delivered_keys(cursor) == {"a", "b", "c"}, "nothing is forgotten between checks"
+    cursor.checked(T0 + 5_000_000)
+    assert delivered_keys(cursor) == {"c"}
 
 
 def test_re_reading_the_overlap_returns_nothing():
     cursor = Cursor(OVERLAP_US)
     first = rows(("a", T0), ("b", T0 + 1), ("c", T0 + 2))
-    cursor.accept(first)
-    again = cursor.accept(first)
+    poll(cursor, first)
+    again = poll(cursor, first)
     assert again.num_rows == 0
     assert cursor.watermark == T0 + 2
 
 
 def test_a_re_read_with_new_rows_returns_only_the_new_ones():
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("a", T0), ("b", T0 + 1)))
-    fresh = cursor.accept(rows(("a", T0), ("b", T0 + 1), ("c", T0 + 2)))
+    poll(cursor, rows(("a", T0), ("b", T0 + 1)))
+    fresh = poll(cursor, rows(("a", T0), ("b", T0 + 1), ("c", T0 + 2)))
     assert keys(fresh) == ["c"]
     assert fresh.column("price").to_pylist() == [2.0]  # payload travels with its row
     assert cursor.watermark == T0 + 2
@@ -72,13 +99,13 @@ def test_a_re_read_with_new_rows_returns_only_the_new_ones():
 
 def test_a_late_commit_inside_the_overlap_is_delivered_exactly_once():
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("a", T0), ("b", T0 + 2_000_000)))
+    poll(cursor, rows(("a", T0), ("b", T0 + 2_000_000)))
     # "late" was stamped before "b" but became visible only after "b" was read.
     late = ("late", T0 + 1_000_000)
     assert late[1] >= cursor.lower_bound
 
-    first = cursor.accept(rows(("a", T0), late, ("b", T0 + 2_000_000)))
-    second = cursor.accept(rows(("a", T0), late, ("b", T0 + 2_000_000)))
+    first = poll(cursor, rows(("a", T0), late, ("b", T0 + 2_000_000)))
+    second = poll(cursor, rows(("a", T0), late, ("b", T0 + 2_000_000)))
 
     assert keys(first) == ["late"]
     assert second.num_rows == 0
@@ -86,8 +113,8 @@ def test_a_late_commit_inside_the_overlap_is_delivered_exactly_once():
 
 def test_the_watermark_never_moves_back_when_a_poll_returns_only_late_rows():
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("a", T0 + 2_000_000)))
-    fresh = cursor.accept(rows(("late-1", T0 + 500_000), ("late-2", T0 + 1_000_000)))
+    poll(cursor, rows(("a", T0 + 2_000_000)))
+    fresh = poll(cursor, rows(("late-1", T0 + 500_000), ("late-2", T0 + 1_000_000)))
     assert keys(fresh) == ["late-1", "late-2"]
     assert cursor.watermark == T0 + 2_000_000
     assert cursor.lower_bound == T0 + 2_000_000 - OVERLAP_US
@@ -95,19 +122,20 @@ def test_the_watermark_never_moves_back_when_a_poll_returns_only_late_rows():
 
 def test_keys_older_than_the_lower_bound_are_forgotten():
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("old", T0), ("recent", T0 + 4_000_000)))
-    cursor.accept(rows(("new", T0 + 5_000_000)))
-    # lower bound is now T0 + 2 s: "old" can no longer come back from a poll.
+    poll(cursor, rows(("old", T0), ("recent", T0 + 4_000_000)))
+    poll(cursor, rows(("new", T0 + 5_000_000)))
+    # The last check was at T0 + 4 s, so the lower bound is T0 + 1 s: "old"
+    # can no longer come back from a poll.
     assert delivered_keys(cursor) == {"recent", "new"}
 
 
 def test_a_key_exactly_at_the_lower_bound_is_still_remembered():
     # The poll reads cursor >= lower_bound, so that row can still come back.
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("edge", T0), ("top", T0 + OVERLAP_US)))
+    poll(cursor, rows(("edge", T0), ("top", T0 + OVERLAP_US)))
     assert cursor.lower_bound == T0
     assert delivered_keys(cursor) == {"edge", "top"}
-    assert cursor.accept(rows(("edge", T0), ("top", T0 + OVERLAP_US))).num_rows == 0
+    assert poll(cursor, rows(("edge", T0), ("top", T0 + OVERLAP_US))).num_rows == 0
 
 
 def test_delivered_stays_bounded_over_many_polls():
@@ -118,26 +146,27 @@ def test_delivered_stays_bounded_over_many_polls():
     table_cursors: list[int] = []
     table_keys: list[str] = []
     largest_memory = 0
-    for poll in range(1_000):
+    for n in range(1_000):
         for i in range(10):
-            table_keys.append(f"{poll}-{i}")
-            table_cursors.append(T0 + poll * step_us + i * 1_000)
+            table_keys.append(f"{n}-{i}")
+            table_cursors.append(T0 + n * step_us + i * 1_000)
         lower = cursor.lower_bound
         start = 0 if lower is None else bisect.bisect_left(table_cursors, lower)
         visible = rows(*zip(table_keys[start:], table_cursors[start:]))
 
-        fresh = cursor.accept(visible)
+        fresh = poll(cursor, visible)
 
-        assert keys(fresh) == [f"{poll}-{i}" for i in range(10)]
+        assert keys(fresh) == [f"{n}-{i}" for i in range(10)]
         largest_memory = max(largest_memory, cursor.delivered.num_rows)
-    # The window holds the newest poll and the ~3 polls of overlap before it.
-    assert largest_memory <= 40
+    # The window holds the newest poll, the one the last check compared, and
+    # the 3 s (3 polls) of overlap before that.
+    assert largest_memory <= 50
     assert cursor.watermark == T0 + 999 * step_us + 9_000
 
 
 def test_duplicate_keys_in_one_read_are_one_row_the_first():
     cursor = Cursor(OVERLAP_US)
-    fresh = cursor.accept(rows(("a", T0), ("a", T0 + 1), ("b", T0 + 2)))
+    fresh = poll(cursor, rows(("a", T0), ("a", T0 + 1), ("b", T0 + 2)))
     assert keys(fresh) == ["a", "b"]
     assert fresh.column(CURSOR).to_pylist() == [T0, T0 + 2]
     assert fresh.column("price").to_pylist() == [0.0, 2.0]
@@ -146,14 +175,14 @@ def test_duplicate_keys_in_one_read_are_one_row_the_first():
 
 def test_duplicate_keys_keep_the_order_of_first_appearance():
     cursor = Cursor(OVERLAP_US)
-    fresh = cursor.accept(rows(("b", T0), ("a", T0 + 1), ("b", T0 + 2), ("c", T0 + 3), ("a", T0 + 4)))
+    fresh = poll(cursor, rows(("b", T0), ("a", T0 + 1), ("b", T0 + 2), ("c", T0 + 3), ("a", T0 + 4)))
     assert keys(fresh) == ["b", "a", "c"]
     assert fresh.column(CURSOR).to_pylist() == [T0, T0 + 1, T0 + 3]
 
 
 def test_a_duplicated_key_is_remembered_once():
     cursor = Cursor(OVERLAP_US)
-    cursor.accept(rows(("a", T0), ("a", T0 + 1), ("b", T0 + 2)))
+    poll(cursor, rows(("a", T0), ("a", T0 + 1), ("b", T0 + 2)))
     assert sorted(cursor.delivered.column(KEY).to_pylist()) == ["a", "b"]
 
 
@@ -161,10 +190,10 @@ def test_a_duplicated_key_is_remembered_once():
 def test_empty_input_returns_empty_and_leaves_state_unchanged(history):
     cursor = Cursor(OVERLAP_US)
     if history:
-        cursor.accept(rows(*history))
+        poll(cursor, rows(*history))
     before = (cursor.watermark, cursor.lower_bound, cursor.delivered)
 
-    fresh = cursor.accept(rows())
+    fresh = poll(cursor, rows())
 
     assert fresh.num_rows == 0
     assert (cursor.watermark, cursor.lower_bound) == before[:2]
@@ -176,11 +205,14 @@ def test_a_later_second_copy_of_a_delivered_row_stays_suppressed():
     resent past the deduplication window): the viewer still sees it once,
     also after the first copy has left the overlap window."""
     cursor = Cursor(OVERLAP_US)
-    assert keys(cursor.accept(rows(("a", T0), ("b", T0)))) == ["a", "b"]
+    assert keys(poll(cursor, rows(("a", T0), ("b", T0)))) == ["a", "b"]
     copy = ("a", T0 + 1_000_000)
-    assert keys(cursor.accept(rows(("a", T0), ("b", T0), copy))) == []
-    # New rows move the watermark so far that the first copy is out of the
-    # window (T0 < T0 + 4 s - 3 s), but the second one is still read.
+    assert keys(poll(cursor, rows(("a", T0), ("b", T0), copy))) == []
+    # New rows move the watermark, and the check after them the window, so
+    # far that the first copy is out of it (T0 < T0 + 4 s - 3 s), but the
+    # second one is still read.
     later = ("c", T0 + 4_000_000)
-    assert keys(cursor.accept(rows(copy, later))) == ["c"]
-    assert keys(cursor.accept(rows(copy, later))) == []
+    assert keys(poll(cursor, rows(copy, later))) == ["c"]
+    assert keys(poll(cursor, rows(copy, later))) == []
+    assert cursor.lower_bound == T0 + 1_000_000
+    assert keys(poll(cursor, rows(copy, later))) == []

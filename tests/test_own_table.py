@@ -115,18 +115,21 @@ def test_the_recipe_on_a_table_with_rows_hands_over_exactly_once(new_client):
         assert sync.poll() == 0, "a poll delivered old rows the backfill left out"
     assert tail.rows_returned == 0, "a poll returned old rows from ClickHouse"
 
-    # New trades arrive once the old stamp has left the overlap window. From
-    # then on a poll must not scan the table: the minmax index lets it skip
-    # every old granule.
+    # New trades arrive once the old stamp is older than the overlap. The
+    # check after them still compares the window that starts `overlap`
+    # before the last good check (the old stamp), once; from then on a poll
+    # must not scan the table: the minmax index lets it skip every old granule.
     time.sleep(OVERLAP_S + 0.5)
     insert_new_trades(client, 1_000_000, 500)
     assert sync.poll() == 500
     insert_new_trades(client, 2_000_000, 300)
-    client.set_client_setting("max_rows_to_read", 20_000)
     assert sync.poll() == 300
+    insert_new_trades(client, 3_000_000, 200)
+    client.set_client_setting("max_rows_to_read", 20_000)
+    assert sync.poll() == 200
     assert sync.poll() == 0
 
     delivered = [key for update in sync.updates for key in update]
     assert len(delivered) == len(set(delivered)), "a row was delivered twice"
-    assert len(delivered) == LIMIT + 500 + 300
+    assert len(delivered) == LIMIT + 500 + 300 + 200
     assert sync.table.size() == LIMIT  # the rolling --limit keeps the newest

@@ -203,6 +203,119 @@ def test_between_checks_polls_fetch_new_rows_and_a_late_row_waits_for_the_next_c
     assert len(shown) == len(set(shown)) == ROWS_PER_BATCH + 30
 
 
+class FaultyClient:
+    """A real client whose queries can be made to fail, as during an outage.
+
+    `checks_fail` fails only `query()`, which the window check uses (the rows
+    come with `query_arrow()`); `down` fails both.
+    """
+
+    def __init__(self, client):
+        self.client, self.checks_fail, self.down = client, False, False
+
+    def query(self, *args, **kwargs):
+        if self.checks_fail or self.down:
+            raise ConnectionRefusedError("ClickHouse is down")
+        return self.client.query(*args, **kwargs)
+
+    def query_arrow(self, *args, **kwargs):
+        if self.down:
+            raise ConnectionRefusedError("ClickHouse is down")
+        return self.client.query_arrow(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def checked_once_a_second(new_client):
+    """(writer client, Sync checking every 1 s on a hand-moved clock, its FaultyClient, the clock)
+    after one batch, its backfill and a first poll that checked the window."""
+    now = [0.0]
+    client = new_client()
+    worker = make_producer(client)
+    worker.make_batch()
+    worker.flush()
+    faulty = FaultyClient(new_client())
+    tail = Tail(faulty, "stock_values", "inserted_at", "id", 3.0, check_every=1.0, clock=lambda: now[0])
+    tail.describe()
+    sync = Sync(tail, perspective_table(tail))
+    sync.backfill(limit=10_000)
+    assert sync.poll() == 0 and tail.window_checks == 1
+    return client, sync, faulty, now
+
+
+def late_and_ahead(client, watermark: int, ahead_by_s: float) -> None:
+    """10 rows committing 2.9 s late (inside the 3 s overlap), then 20 rows
+    that move the watermark on by `ahead_by_s`."""
+    now_ms = time.time_ns() // 1_000_000
+    insert_with_cursor(client, producer.Market(seed=12).batch(10, now_ms), watermark - 2_900_000)
+    insert_with_cursor(client, producer.Market(seed=13).batch(20, now_ms), watermark + int(ahead_by_s * 1e6))
+
+
+def assert_shown_once(sync: Sync, client) -> None:
+    shown = ids_in_perspective(sync.table)
+    assert len(shown) == len(set(shown)), "a row was delivered twice"
+    assert set(shown) == set(ids_in_clickhouse(client)), "a row was lost"
+
+
+def test_a_failed_check_is_not_nothing_changed_and_is_tried_again_at_the_next_poll(new_client):
+    """Only the check fails (the reads would work): the poll fails, as a poll
+    must not read past the watermark on an unanswered check, and the next
+    poll checks again instead of waiting another second."""
+    client, sync, faulty, now = checked_once_a_second(new_client)
+    late_and_ahead(client, sync.tail.cursor.watermark, ahead_by_s=1.5)
+    now[0] = 1.0
+    faulty.checks_fail = True
+    with pytest.raises(ConnectionRefusedError):
+        sync.poll()
+    faulty.checks_fail = False
+    now[0] = 1.1
+    assert sync.poll() == 30
+    assert sync.tail.window_rereads == 1
+    assert_shown_once(sync, client)
+
+
+def test_a_check_delayed_by_a_long_poll_still_finds_a_late_row(new_client):
+    """The watermark moves on by 2 s between two checks (a slow poll put the
+    second one off): the late row, 2.9 s older than the first check's
+    watermark, is older than the new watermark minus overlap and check period,
+    but still inside the window anchored at the last good check."""
+    client, sync, faulty, now = checked_once_a_second(new_client)
+    watermark = sync.tail.cursor.watermark
+    late_and_ahead(client, watermark, ahead_by_s=2.0)
+    now[0] = 0.5
+    assert sync.poll() == 20, "between checks, only rows past the watermark"
+    assert sync.tail.cursor.lower_bound == watermark - 3_000_000, "the window still starts at the last check"
+    now[0] = 2.5
+    assert sync.poll() == 10
+    assert_shown_once(sync, client)
+
+
+def test_two_checks_missed_in_a_row_then_the_first_good_one_catches_up(new_client):
+    """ClickHouse is down through two check periods, with late rows committed
+    just before. The first check once it is back finds them, and the keys
+    kept afterwards cover only the window the next check compares."""
+    client, sync, faulty, now = checked_once_a_second(new_client)
+    watermark = sync.tail.cursor.watermark
+    late_and_ahead(client, watermark, ahead_by_s=2.5)
+    faulty.down = True
+    for now[0] in (1.0, 1.5, 2.0):
+        with pytest.raises(ConnectionRefusedError):
+            sync.poll()
+    faulty.down = False
+    now[0] = 2.1
+    assert sync.poll() == 30
+    # Every poll during the outage tried the check again (1 + 3 + 1).
+    assert sync.tail.window_checks == 5 and sync.tail.window_rereads == 1
+    now[0] = 3.2
+    assert sync.poll() == 0
+    cursor = sync.tail.cursor
+    assert cursor.lower_bound == watermark + 2_500_000 - 3_000_000
+    kept = cursor.delivered.column("__cursor").to_pylist()
+    assert kept and min(kept) >= cursor.lower_bound, "keys below the window are forgotten"
+    assert_shown_once(sync, client)
+
+
 def test_a_commit_later_than_the_overlap_is_not_delivered(new_client):
     """The documented limit: the overlap bounds how late a commit may be."""
     client = new_client()
@@ -305,7 +418,8 @@ def test_a_poll_reads_the_new_rows_not_the_history(new_client):
     worker = make_producer(new_client())
     worker.make_batch()
     worker.flush()
-    sync.tail.cursor.watermark = int(time.time() * 1_000_000) - 10_000_000  # caught up 10 s ago
+    caught_up = int(time.time() * 1_000_000) - 10_000_000  # caught up, and checked, 10 s ago
+    sync.tail.cursor.watermark = sync.tail.cursor.checked_up_to = caught_up
     client.set_client_setting("max_rows_to_read", 20_000)
     assert sync.poll() == ROWS_PER_BATCH
 
