@@ -6,6 +6,7 @@ Perspective table is perspective-python's own.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -545,6 +546,58 @@ def test_the_server_table_keeps_only_the_newest_limit_rows(new_client):
     assert sync.poll() == ROWS_PER_BATCH
     assert sync.table.size() == 120
     assert newest <= set(ids_in_perspective(sync.table)), "the newest rows must replace the oldest"
+
+
+def insert_in_shuffled_order(client, rows: pa.Table, cursors_us: list[int]) -> None:
+    """Inserts rows with their own cursors, in an order other than the cursors'."""
+    stamped = rows.append_column("inserted_at", pa.array(cursors_us, pa.timestamp("us", tz="UTC")))
+    order = list(range(stamped.num_rows))
+    random.Random(1).shuffle(order)
+    client.insert_arrow("stock_values", stamped.take(order))
+
+
+def test_rows_reach_perspective_in_cursor_order(new_client):
+    """Perspective's --limit table drops the rows it was given first. So the
+    backfill and every poll must hand rows over oldest cursor first: a
+    reversed batch would make the table evict newer rows and keep older
+    ones. A key stored twice keeps its first copy, by cursor."""
+    client = new_client()
+    producer.create_table(client)
+    start = (time.time_ns() // 1000) - 10_000_000
+    history = producer.Market(seed=20).batch(100, start // 1000)
+    insert_in_shuffled_order(client, history, [start + i * 1_000 for i in range(100)])
+    sync = make_sync(new_client(), limit=30)
+    assert sync.backfill(limit=30) == 30
+    newest_history = history.column("id").to_pylist()[70:]
+    assert set(ids_in_perspective(sync.table)) == set(newest_history)
+    # Ten new rows evict the ten oldest of the backfill, not its newest.
+    ten = producer.Market(seed=22).batch(10, start // 1000)
+    insert_in_shuffled_order(client, ten, [start + 500_000 + i * 1_000 for i in range(10)])
+    assert sync.poll() == 10
+    assert set(ids_in_perspective(sync.table)) == set(newest_history[10:] + ten.column("id").to_pylist())
+
+    # One poll with more rows than --limit, among them a key stored twice:
+    # first with price 1, a millisecond later with price 2.
+    batch = producer.Market(seed=21).batch(40, start // 1000)
+    twice = batch.slice(5, 1).set_column(batch.schema.get_field_index("close"), "close", pa.array([2.0]))
+    batch = batch.set_column(batch.schema.get_field_index("close"), "close",
+                             pa.array([1.0 if i == 5 else v for i, v in enumerate(batch.column("close").to_pylist())]))
+    first_cursor = start + 1_000_000
+    insert_in_shuffled_order(client, pa.concat_tables([batch, twice]),
+                             [first_cursor + i * 1_000 for i in range(40)] + [first_cursor + 5_500])
+    assert sync.poll() == 40
+    shown = sync.table.view(columns=["id", "close"]).to_columns()
+    assert sorted(shown["id"]) == sorted(batch.column("id").to_pylist()[10:]), "the oldest rows are evicted"
+
+    # The same with a limit large enough to keep the twice-stored key.
+    client.command("TRUNCATE TABLE stock_values")
+    sync = make_sync(new_client(), limit=100)
+    insert_in_shuffled_order(client, pa.concat_tables([batch, twice]),
+                             [first_cursor + i * 1_000 for i in range(40)] + [first_cursor + 5_500])
+    assert sync.poll() == 40
+    shown = sync.table.view(columns=["id", "close"]).to_columns()
+    prices = dict(zip(shown["id"], shown["close"]))
+    assert prices[batch.column("id")[5].as_py()] == 1.0, "the first copy, by cursor, is the one kept"
 
 
 def test_polls_run_off_the_event_loop(new_client):
