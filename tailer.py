@@ -215,6 +215,18 @@ class _KeySet:
         self.pending.append(keys.to_numpy())
 
 
+def cursor_recipe(table: str, cursor: str) -> dict[str, str]:
+    """The statements that give an existing table a cursor column, as the
+    README's "Use it with your own table" explains them step by step."""
+    index = f"{cursor}_minmax"
+    return {
+        "add column": f"ALTER TABLE {table} ADD COLUMN {cursor} DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC')",
+        "materialize column": f"ALTER TABLE {table} MATERIALIZE COLUMN {cursor} SETTINGS mutations_sync = 2",
+        "add index": f"ALTER TABLE {table} ADD INDEX {index} {cursor} TYPE minmax GRANULARITY 1",
+        "materialize index": f"ALTER TABLE {table} MATERIALIZE INDEX {index} SETTINGS mutations_sync = 2",
+    }
+
+
 class TableNotFound(Exception):
     pass
 
@@ -258,10 +270,12 @@ class Tail:
         types = dict(described)
         cursor_type = types.get(self.cursor_column)
         if cursor_type is None or not cursor_type.replace("Nullable(", "").startswith("DateTime"):
+            cursor = self.cursor_column if cursor_type is None else "inserted_at"
             raise SchemaError(
                 f"table {self.table} needs a DateTime64 column stamped at insert time to tail "
-                f"(--cursor {self.cursor_column} is {cursor_type or 'missing'}); e.g. "
-                f"ALTER TABLE {self.table} ADD COLUMN inserted_at DateTime64(6) DEFAULT now64(6)")
+                f"(--cursor {self.cursor_column} is {cursor_type or 'missing'}); add one with "
+                f"{'; '.join(cursor_recipe(self.table, cursor).values())} (README, \"Use it with your own table\")"
+                + ("" if cursor == self.cursor_column else f", then --cursor {cursor}"))
         if self.key_column and self.key_column not in types:
             raise SchemaError(f"table {self.table} has no column {self.key_column}: set --key to a "
                               "unique column, or --key '' to compare whole rows")
@@ -292,11 +306,12 @@ class Tail:
             "SELECT count(), countIf(has(columns, {cursor:String})) FROM (SELECT groupArray(column) AS columns "
             "FROM system.parts_columns WHERE database = currentDatabase() AND table = {table:String} "
             "AND active GROUP BY name)", parameters={**table, "cursor": self.cursor_column}).result_rows[0]
+        recipe = cursor_recipe(self.table, self.cursor_column)
         if storing < parts:
             warnings.append(
                 f"{parts - storing} of {parts} parts of {self.table} do not store {self.cursor_column}, so "
-                "ClickHouse computes its DEFAULT at every read and old rows look new at every poll: run "
-                f"ALTER TABLE {self.table} MATERIALIZE COLUMN {self.cursor_column} SETTINGS mutations_sync = 2")
+                f"ClickHouse computes its DEFAULT at every read and old rows look new at every poll: run "
+                f"{recipe['materialize column']}")
         leads = sorting_key.split(",")[0].strip() in (self.cursor_column, quote(self.cursor_column))
         indexed = self.client.query(
             "SELECT count() FROM system.data_skipping_indices WHERE database = currentDatabase() "
@@ -306,9 +321,7 @@ class Tail:
         if not leads and not indexed:
             warnings.append(
                 f"{self.cursor_column} neither leads the ORDER BY of {self.table} nor has a minmax index, so "
-                f"every poll reads the whole table: run ALTER TABLE {self.table} ADD INDEX "
-                f"{self.cursor_column}_minmax {self.cursor_column} TYPE minmax GRANULARITY 1, then "
-                f"ALTER TABLE {self.table} MATERIALIZE INDEX {self.cursor_column}_minmax SETTINGS mutations_sync = 2")
+                f"every poll reads the whole table: run {recipe['add index']}, then {recipe['materialize index']}")
         return warnings
 
     @property

@@ -99,12 +99,21 @@ def test_the_server_waits_for_a_table_that_does_not_exist_yet(new_client, caplog
     assert tail.perspective_schema["close"] == "float"
 
 
-def test_a_table_without_a_cursor_column_is_refused_with_the_fix(new_client):
+def test_a_table_without_a_cursor_column_is_refused_with_the_readmes_whole_recipe(new_client):
+    from test_own_table import recipe_statements
+
     client = new_client()
-    client.command("CREATE TABLE plain (t DateTime, x Int32) ENGINE = MergeTree ORDER BY t")
-    tail = Tail(client, "plain", "inserted_at", None, 3.0)
-    with pytest.raises(SchemaError, match="ADD COLUMN inserted_at DateTime64"):
+    client.command("CREATE TABLE trades (t DateTime, x Int32) ENGINE = MergeTree ORDER BY t")
+    tail = Tail(client, "trades", "inserted_at", None, 3.0)
+    with pytest.raises(SchemaError) as refused:
         tail.describe()
+    message = str(refused.value)
+    assert "\n" not in message
+    for statement in recipe_statements():  # the README's recipe is written for a table named trades
+        assert statement in message
+    # A --cursor that names a column of another type: the recipe adds a new one.
+    with pytest.raises(SchemaError, match="then --cursor inserted_at"):
+        Tail(client, "trades", "x", None, 3.0).describe()
 
 
 @pytest.fixture
