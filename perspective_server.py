@@ -268,13 +268,14 @@ async def wait_for_table(tail: Tail, run, stop: asyncio.Event, patience: float =
         try:
             await run(tail.describe)
             return True
-        except TableNotFound:
+        except TableNotFound as missing:
             if patience and time.monotonic() >= deadline:
                 raise connection.SetupError(
-                    f"table {tail.table} does not exist after {patience:g} s: start producer.py, "
-                    "or name your table with --table") from None
+                    f"{missing} after {patience:g} s: start producer.py, or name your table with "
+                    "--table and its database with --ch-database") from None
             if not announced:
-                log.info("waiting for table %s to exist (start producer.py)", tail.table)
+                log.info("%s; waiting for it (start producer.py, or name your table with --table and its "
+                         "database with --ch-database)", missing)
                 announced = True
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(1.0, patience) if patience else 1.0)

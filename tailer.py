@@ -228,7 +228,7 @@ def cursor_recipe(table: str, cursor: str) -> dict[str, str]:
 
 
 class TableNotFound(Exception):
-    pass
+    """The table is not (yet) in the database; the message says where the server looked."""
 
 
 class SchemaError(Exception):
@@ -266,7 +266,12 @@ class Tail:
             parameters={"table": self.table},
         ).result_rows
         if not described:
-            raise TableNotFound(self.table)
+            database, tables = self.client.query(
+                "SELECT currentDatabase(), arraySort(groupArray(name)) FROM system.tables "
+                "WHERE database = currentDatabase()").result_rows[0]
+            shown = ", ".join(tables[:10]) + (f" and {len(tables) - 10} more" if len(tables) > 10 else "")
+            raise TableNotFound(f"no table {self.table} in database {database} "
+                                f"({'tables there: ' + shown if tables else 'it has no tables'})")
         types = dict(described)
         cursor_type = types.get(self.cursor_column)
         if cursor_type is None or not cursor_type.replace("Nullable(", "").startswith("DateTime"):

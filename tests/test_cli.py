@@ -16,7 +16,7 @@ import pytest
 
 import producer
 from perspective_server import wait_for_table
-from tailer import SchemaError, Tail
+from tailer import SchemaError, TableNotFound, Tail
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +95,7 @@ def test_the_server_waits_for_a_table_that_does_not_exist_yet(new_client, caplog
     assert found
     creator.join()
     assert time.monotonic() - started >= 1.0, "it returned before the table existed"
-    assert "waiting for table stock_values to exist" in caplog.text
+    assert f"no table stock_values in database {client.database} (it has no tables); waiting for it" in caplog.text
     assert tail.perspective_schema["close"] == "float"
 
 
@@ -154,10 +154,10 @@ def test_a_missing_table_is_one_line_once_the_wait_is_over(clickhouse_http):
     result = run_against(clickhouse_http, "perspective_server.py", "--table", "no_such_table",
                          "--table-wait", "1", "--port", str(free_port()))
     assert result.returncode == 1
-    assert "waiting for table no_such_table to exist" in result.stderr
+    assert "no table no_such_table in database demo (it has no tables); waiting for it" in result.stderr
     assert error_lines(result) == [
-        "perspective_server.py: table no_such_table does not exist after 1 s: start producer.py, "
-        "or name your table with --table"]
+        "perspective_server.py: no table no_such_table in database demo (it has no tables) after 1 s: "
+        "start producer.py, or name your table with --table and its database with --ch-database"]
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -271,3 +271,11 @@ def test_help_names_the_environment_variables(capsys):
         assert result.returncode == 0
         for variable in ("CLICKHOUSE_URL", "CLICKHOUSE_PASSWORD", "CLICKHOUSE_WAIT"):
             assert variable in result.stdout, f"{script} --help does not name {variable}"
+
+
+def test_a_missing_table_names_the_database_looked_in_and_its_tables(new_client):
+    client = new_client()
+    client.command("CREATE TABLE trades (t DateTime64(6, 'UTC')) ENGINE = MergeTree ORDER BY t")
+    with pytest.raises(TableNotFound, match=f"^no table t_default in database {client.database} "
+                                            r"\(tables there: trades\)$"):
+        Tail(client, "t_default", "inserted_at", None, 3.0).describe()
