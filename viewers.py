@@ -125,6 +125,27 @@ class Viewers:
         return None
 
     @classmethod
+    def refuse_connection(cls, reason: str) -> None:
+        cls.refused += 1
+        if time.monotonic() - cls._last_connection_log > 10:  # a flood is one line per 10 s
+            cls._last_connection_log = time.monotonic()
+            log.warning("refused a websocket: %s", reason)
+
+    @classmethod
+    def join(cls, handler) -> None:
+        cls.open.add(handler)
+        cls.by_address[handler.request.remote_ip] += 1
+
+    @classmethod
+    def leave(cls, handler) -> None:
+        if handler in cls.open:
+            cls.open.discard(handler)
+            address = handler.request.remote_ip
+            cls.by_address[address] -= 1
+            if not cls.by_address[address]:
+                del cls.by_address[address]
+
+    @classmethod
     def close_all(cls) -> None:
         """Ends every viewer's Perspective session while the server still exists.
 
@@ -134,7 +155,10 @@ class Viewers:
         after the request it may be running.
         """
         for handler in list(cls.open):
-            handler.end_session()
+            if isinstance(handler, ViewerHandler):
+                handler.end_session()
+            else:
+                handler.close()
         for _, worker in cls.workers.values():
             worker.shutdown(wait=True)
         cls.workers.clear()
@@ -205,10 +229,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
     async def get(self, *args, **kwargs):
         refusal = Viewers.admit(self.request.remote_ip, self.limits)
         if refusal is not None:
-            Viewers.refused += 1
-            if time.monotonic() - Viewers._last_connection_log > 10:  # a flood is one line per 10 s
-                Viewers._last_connection_log = time.monotonic()
-                log.warning("refused a websocket: %s", refusal)
+            Viewers.refuse_connection(refusal)
             self.set_status(503)
             self.finish(refusal)
             return
@@ -232,8 +253,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         # Perspective answers on the worker (or on the sync thread, for
         # updates); writes happen on the IOLoop.
         self.session = self.server.new_session(lambda response: self.loop.add_callback(self._send, response))
-        Viewers.open.add(self)
-        Viewers.by_address[self.address] += 1
+        Viewers.join(self)
 
     # --- requests: gate, limits, then the worker thread --------------------
 
@@ -414,10 +434,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         session, self.session = getattr(self, "session", None), None
         if session is not None:
             self.worker.submit(session.close)
-            Viewers.open.discard(self)
-            Viewers.by_address[self.address] -= 1
-            if not Viewers.by_address[self.address]:
-                del Viewers.by_address[self.address]
+            Viewers.leave(self)
 
     def on_close(self):
         self.end_session()
