@@ -33,6 +33,7 @@ import struct
 
 import perspective
 import pyarrow as pa
+import tornado.httpclient
 import tornado.ioloop
 import tornado.websocket
 
@@ -186,3 +187,47 @@ class FeedHandler(tornado.websocket.WebSocketHandler):
 
     def on_close(self):
         self.leave()
+
+
+class FeedGap(RuntimeError):
+    """A batch arrived out of order: the copy no longer matches; start over from a snapshot."""
+
+
+class Replica:
+    """A copy of the live table in this process, kept in step over /feed.
+
+    What the page does, in Python: a table from the snapshot with the
+    server's limit, then every batch in order. Handy in a notebook, and it is
+    how the tests and the fan-out bench check what pages receive.
+    """
+
+    def __init__(self, socket, table: perspective.Table, sequence: int):
+        self.socket, self.table, self.sequence = socket, table, sequence
+
+    @classmethod
+    async def connect(cls, url: str, client: perspective.Client, origin: str | None = None) -> "Replica":
+        """Joins the feed at `url` (ws://host:port/feed); `client` makes the table, e.g.
+        perspective.Server().new_local_client()."""
+        request = tornado.httpclient.HTTPRequest(url, headers={"Origin": origin} if origin else {})
+        socket = await tornado.websocket.websocket_connect(request)
+        hello = await socket.read_message()
+        snapshot = await socket.read_message()
+        if hello is None or snapshot is None:
+            raise FeedGap(f"the feed closed before its snapshot ({socket.close_reason})")
+        hello = json.loads(hello)
+        return cls(socket, client.table(snapshot, limit=hello["limit"]), hello["sequence"])
+
+    def apply(self, message: bytes) -> None:
+        (sequence,) = SEQUENCE.unpack_from(message)
+        if sequence != self.sequence + 1:
+            raise FeedGap(f"batch {sequence} arrived, {self.sequence + 1} was next")
+        self.table.update(message[SEQUENCE.size:])
+        self.sequence = sequence
+
+    async def follow(self) -> None:
+        """Applies batches until the server closes the feed."""
+        while (message := await self.socket.read_message()) is not None:
+            self.apply(message)
+
+    def close(self) -> None:
+        self.socket.close()
