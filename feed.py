@@ -211,8 +211,9 @@ class Replica:
         request = tornado.httpclient.HTTPRequest(url, headers={"Origin": origin} if origin else {})
         socket = await tornado.websocket.websocket_connect(request)
         hello = await socket.read_message()
-        snapshot = await socket.read_message()
-        if hello is None or snapshot is None:
+        # After a close, read_message() would wait for ever: check each one.
+        snapshot = hello and await socket.read_message()
+        if snapshot is None:
             raise FeedGap(f"the feed closed before its snapshot ({socket.close_reason})")
         hello = json.loads(hello)
         return cls(socket, client.table(snapshot, limit=hello["limit"]), hello["sequence"])
