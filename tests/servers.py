@@ -169,19 +169,24 @@ def wait_for_page(url: str, server: "Program", others: tuple["Program", ...] = (
 class Program:
     """`python <script> <args>` from the repository root, logging to a file."""
 
-    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path):
-        self.script, self.log_path = script, log_path
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path, start: bool = True):
+        self.script, self.args, self.env, self.log_path = script, args, env, log_path
+        self.proc = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
         # The user's CLICKHOUSE_URL and friends would override the test's own.
         base = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "CHDB_"))}
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env={**base, **env},
-                                         stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, self.script, *self.args], cwd=REPO,
+                                         env={**base, **self.env}, stdout=log, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log(self) -> str:
-        return f"--- {self.script} (exit {self.proc.poll()}):\n{self.text()}"
+        return f"--- {self.script} (exit {self.proc and self.proc.poll()}):\n{self.text()}"
 
     def interrupt(self, timeout: float = 5) -> int | None:
         """Ctrl-C; the exit code, or None if it is still running after `timeout`."""
@@ -192,6 +197,6 @@ class Program:
             return None
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
