@@ -4,9 +4,12 @@ A benchmark, not a test. It measures freshness, the time from a producer's
 insert to the row being visible, with the demo's default settings
 (perspective_server.py at its default --interval; 100 rows every 500 ms), at two hops:
 
-  1. insert -> Python client: a perspective AsyncClient over a real
-     websocket (tests/servers.py open_viewer), with a view whose
-     `on_update(mode="row")` delta carries the new rows;
+  1. insert -> Python client: for this project, a copy of the table that
+     follows the live feed as the page does (feed.Replica), noting each
+     batch as it arrives; for the servers that still serve Perspective's
+     /websocket (the old poll scheme, the predecessor), a perspective
+     AsyncClient with a view whose `on_update(mode="row")` delta carries the
+     new rows;
   2. insert -> browser page: headless Chromium on the served index.html
      (Debian's chromium with the CDN routed to tests/node_modules, as in
      tests/browser.py), measured inside the page with a second view on the
@@ -15,10 +18,10 @@ insert to the row being visible, with the demo's default settings
      frame ("drawn": every view of the dashboard has redrawn with the
      update). The target is drawn p95 <= 200 ms (issue 9; it was 500 ms).
 
-The page before the dashboard (one grid; --old-page, by default
-`git show` of index.html at the last commit before the dashboard) is
-measured in the same run, on the same server, in a window of its own beside
-the dashboard: "old page" rows.
+The page before the dashboard (one grid; --old-page) spoke Perspective's
+/websocket, which this project's server no longer serves, so it is measured
+only as the predecessor's page. bench/fanout.py --chromium measures the old
+design's dashboard beside the new one, for server CPU.
 
 Every process is the real one: ClickHouse is the chDB test harness
 (tests/chdb_http.py, chDB behind ClickHouse's HTTP interface) and the server
@@ -366,9 +369,24 @@ async def subscribe(port: int, columns: list[str], watcher: Watcher, timeout: fl
     Returns (socket, reader task, table, view); the table may not exist yet when
     the server has just started, so this waits for it.
     """
-    from servers import open_viewer
+    import tornado.httpclient
+    from servers import follow_feed, open_viewer
 
-    client, socket, reader = await open_viewer(port)
+    try:
+        replica, follower = await follow_feed(port, patience=timeout)
+    except tornado.httpclient.HTTPClientError:  # 404: a server with Perspective's /websocket instead
+        replica = None
+    if replica is not None:
+        follower.cancel()
+
+        async def follow():  # what replica.follow() does, noting when each batch arrived
+            while (message := await replica.socket.read_message()) is not None:
+                replica.apply(message)
+                watcher.on_update(None, memoryview(message)[8:])
+
+        return replica.socket, asyncio.ensure_future(follow()), replica.table, None
+
+    client, socket, reader = await open_viewer(port, path="/websocket")
     deadline = time.monotonic() + timeout
     while not (names := await client.get_hosted_table_names()):
         if time.monotonic() > deadline:
@@ -677,9 +695,6 @@ def run(args) -> dict:
         if pages:
             urls = {scheme: f"http://127.0.0.1:{port}/" for scheme, port in ports.items()}
             documents = {}
-            if old_page is not None and "project" in ports and not args.smoke:
-                urls[OLD_PAGE] = f"http://127.0.0.1:{ports['project']}/?old-page"
-                documents[OLD_PAGE] = old_page
             throttles = {} if args.page_throttle is None else {scheme: args.page_throttle for scheme in urls}
             if args.compare_throttle is not None and "project" in ports:
                 urls[THROTTLE_PAGE] = f"http://127.0.0.1:{ports['project']}/?compare-throttle"
