@@ -262,6 +262,30 @@ def chromium_pages(design: str, folder: Path, env: dict, rate: int, args, logs: 
     return {"design": design, "rate": rate, "one": figures[1], "eight": figures[8], "ratio": figures[8] / figures[1]}
 
 
+# The goals: (rows/s, clients) -> (server CPU % of a core, lag p95 at the last client, ms).
+GOALS = {(200, 1000): (25, 300), (2000, 500): (50, 500)}
+
+
+def summary(results: list[dict]) -> list[dict]:
+    out = []
+    for r in results:
+        if "ratio" in r:
+            out.append({"figure": f"server CPU, 8 Chromium dashboards / 1 ({r['design']}, {r['rate']:,} rows/s)",
+                        "value": f"{r['ratio']:.2f}x ({r['one']:.1f}% -> {r['eight']:.1f}%)",
+                        "target": "<= 1.3x" if r["design"] == "new" else "n/a",
+                        "met": r["ratio"] <= 1.3 if r["design"] == "new" else None})
+            continue
+        cpu_goal, lag_goal = GOALS.get((r["rate"], r["clients"]), (None, None)) if r["design"] == "new" else (None, None)
+        what = f"({r['design']}, {r['clients']:,} clients, {r['rate']:,} rows/s)"
+        out.append({"figure": f"server CPU, % of a core {what}", "value": f"{r['server_cpu']:.1f}%",
+                    "target": f"<= {cpu_goal}%" if cpu_goal else "n/a",
+                    "met": r["server_cpu"] <= cpu_goal if cpu_goal else None})
+        out.append({"figure": f"lag p95 at the last client {what}", "value": f"{r['last_p95']:.0f} ms, {r['gaps']} gaps",
+                    "target": f"<= {lag_goal} ms, 0 gaps" if lag_goal else "0 gaps",
+                    "met": (r["last_p95"] <= lag_goal if lag_goal else True) and not r["gaps"]})
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, metavar="DESIGN:ROWS_PER_S:CLIENTS")
@@ -310,7 +334,7 @@ def main() -> int:
                       f"{r['client_cpu']:>9.0f}%" + (f"  errors: {r['errors']}" if r["errors"] else ""), flush=True)
     print(f"logs in {logs}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        args.json.write_text(json.dumps({"results": results, "summary": summary(results)}, indent=2))
     bad = [r for r in results if r.get("gaps") or r.get("errors") or r.get("joined", 1) == 0]
     return 1 if bad else 0
 
