@@ -1,10 +1,10 @@
 """Viewers may look, not touch: a gate for Perspective's websocket requests.
 
-perspective-python's Tornado handler passes every websocket message to the
-Perspective server, and the protocol lets any client write: a second browser
-could clear the table, replace it, or host tables of its own. There is no
-read-only switch, so this module reads each request and lets through only
-what a <perspective-viewer> needs to look at data.
+History (/history) speaks Perspective's websocket protocol, and that
+protocol lets any client write: a browser could clear a table, replace it,
+or host tables of its own. There is no read-only switch, so this module
+reads each request and lets through only what a <perspective-viewer> needs
+to look at data. (Live pages send the server nothing: feed.py.)
 
 A request is a protobuf `perspective.proto.Request`: field 1 is the message
 id, field 2 the table or view it is about, and one field numbered 3 and up
