@@ -20,8 +20,10 @@ insert to the row being visible, with the demo's default settings
 
 The page before the dashboard (one grid; --old-page) spoke Perspective's
 /websocket, which this project's server no longer serves, so it is measured
-only as the predecessor's page. bench/fanout.py --chromium measures the old
-design's dashboard beside the new one, for server CPU.
+only as the predecessor's page. `--schemes project old-design` measures the
+design before the feed beside this one, in the same run: its own
+perspective_server.py and dashboard (bench/fanout.py's old_design), whose
+views ran on the server.
 
 Every process is the real one: ClickHouse is the chDB test harness
 (tests/chdb_http.py, chDB behind ClickHouse's HTTP interface) and the server
@@ -160,10 +162,13 @@ PREDECESSOR_SCHEMA = {
     "client": "string", "open": "float", "high": "float", "low": "float", "close": "float",
     "volume": "integer", "date": "date",
 }
-SCHEMES = {"project": "this project", "old-poll": "old poll scheme", "predecessor": "predecessor"}
+SCHEMES = {"project": "this project", "old-poll": "old poll scheme", "old-design": "views on the server",
+           "predecessor": "predecessor"}
 # This project's server with the poll of earlier versions, which fetched
-# the whole overlap window on every poll (see serve_old_poll).
-PROJECT_SERVERS = ("project", "old-poll")
+# the whole overlap window on every poll (see serve_old_poll); and the
+# design before the feed, whose dashboard's views ran on the server
+# (bench/fanout.py's old_design: its own perspective_server.py and index.html).
+PROJECT_SERVERS = ("project", "old-poll", "old-design")
 OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project's server
 THROTTLE_PAGE = "project-throttle"  # the dashboard again, its viewers with --compare-throttle
 # The last commit whose index.html was one grid (before the dashboard).
@@ -260,6 +265,15 @@ def start_old_poll_server(port: int, harness, database: str, log_path: Path, int
     env = {**harness.env(), "CLICKHOUSE_DB": database}
     return Program("old-poll", [str(Path(__file__).resolve()), "--serve-old-poll", str(port),
                                 "--server-interval", str(interval)], env, log_path)
+
+
+def start_old_design_server(port: int, harness, database: str, log_path: Path, interval: float = 0.1) -> Program:
+    from fanout import old_design
+
+    env = {**harness.env(), "CLICKHOUSE_DB": database}
+    script = old_design(None) / "perspective_server.py"
+    return Program("old-design", [str(script), "--port", str(port), "--interval", str(interval), "--show-key"],
+                   env, log_path)
 
 
 def start_predecessor_server(port: int, harness, database: str, log_path: Path, page: Path) -> Program:
@@ -677,6 +691,9 @@ def run(args) -> dict:
             if scheme == "project":
                 servers[scheme] = start_project_server(ports[scheme], harness, database, log_path,
                                                        args.server_interval)
+            elif scheme == "old-design":
+                servers[scheme] = start_old_design_server(ports[scheme], harness, database, log_path,
+                                                          args.server_interval)
             elif scheme == "old-poll":
                 servers[scheme] = start_old_poll_server(ports[scheme], harness, database, log_path,
                                                         args.server_interval)
