@@ -142,6 +142,7 @@ class FeedHandler(tornado.websocket.WebSocketHandler):
         self._write(snapshot)
         self.after = sequence
         waiting, self.waiting = self.waiting, []
+        self.unsent -= sum(len(message) for _, message in waiting)  # counted again as they are written
         for batch_sequence, message in waiting:
             self.deliver(batch_sequence, message)
 
