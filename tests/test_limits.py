@@ -19,6 +19,7 @@ connections. Three layers of tests:
 from __future__ import annotations
 
 import asyncio
+import logging
 import subprocess
 import sys
 import time
@@ -35,7 +36,7 @@ import servers
 from perspective_server import make_app
 from servers import follow_feed, open_viewer, rss_bytes
 from test_feed import Mute
-from viewers import ViewerLimits
+from viewers import ViewerLimits, Viewers
 
 TABLE = "stock_values"
 ATTACK_SECONDS = 8  # each attack keeps going this long while the victim watches
@@ -165,6 +166,30 @@ def test_delete_subscriptions_are_capped_too():
 
     errors = asyncio.run(scenario())
     assert len(errors) == 1 and "too many delete subscriptions" in errors[0], errors
+
+
+def test_a_viewer_that_stops_reading_is_closed_at_the_send_buffer(caplog):
+    async def scenario():
+        http, port, _ = await serve(ViewerLimits(send_buffer=1 << 20), rows=20_000)
+        client, socket, reader = await open_viewer(port)
+        view = await (await client.open_table(TABLE)).view()
+        reader.cancel()  # never read again: the replies pile up on the server
+        requests = [asyncio.ensure_future(view.to_arrow()) for _ in range(60)]  # about 300 KB each
+        closed = False
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            if not Viewers.open:
+                closed = True
+                break
+        for request in requests:
+            request.cancel()
+        socket.close(), http.stop()
+        return closed
+
+    with caplog.at_level(logging.WARNING, logger="server"):
+        closed = asyncio.run(scenario())
+    assert closed
+    assert [r for r in caplog.records if "--max-send-buffer" in r.getMessage()]
 
 
 def test_connections_per_address_are_capped_and_freed_on_close():
