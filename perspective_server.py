@@ -1,10 +1,16 @@
 """Chapter 3: ClickHouse rows, live in every browser.
 
-This server keeps a Perspective table in step with a ClickHouse table and
-shares it with browsers over a websocket:
+This server keeps a Perspective table in step with a ClickHouse table, and
+every browser keeps a copy of that table in step with the server's:
 
     ClickHouse --(query_arrow, new rows only)--> Perspective table
-               --(websocket)--> <perspective-viewer> in each browser
+               --(the same Arrow bytes, once per poll, /feed)--> a Perspective
+                 table in each browser --> its <perspective-viewer>s
+
+Each browser computes its own views (pivots, charts, sorts) on its own copy,
+so the server's work per update is the same for one page or a thousand:
+update its table, serialize the new rows once, write them to each socket
+(feed.py explains how a page joins without missing or repeating a row).
 
 At start it backfills the newest --limit rows, then polls every --interval
 for rows that arrived since (tailer.py explains how each row is read exactly
@@ -51,6 +57,7 @@ import tornado.web
 import connection
 import history
 import producer
+from feed import Feed, FeedHandler, to_ipc
 from tailer import CURSOR, SchemaError, TableNotFound, Tail
 import viewers
 from viewers import ViewerHandler, ViewerLimits, Viewers
@@ -65,7 +72,7 @@ class ServerSettings:
     port: int = 8080
     bind: str = "127.0.0.1"
     interval: float = 0.1
-    limit: int = 10_000
+    limit: int = 30_000
     overlap: float = 3.0
     table: str = connection.TABLE
     cursor: str = "inserted_at"
@@ -88,8 +95,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                         help="also accept websockets from pages at ORIGIN, e.g. https://intranet.example "
                              "(repeatable; by default only the page this server serves)")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between polls (default 0.1)")
-    parser.add_argument("--limit", type=int, default=10_000,
-                        help="rows kept in the browser table, oldest dropped first (default 10,000)")
+    parser.add_argument("--limit", type=int, default=30_000,
+                        help="rows kept in the live table, on the server and in each page, oldest dropped "
+                             "first (default 30,000)")
     parser.add_argument("--overlap", type=float, default=3.0,
                         help="how late, in seconds, a row may commit after ClickHouse stamped it and "
                              "still be delivered (default 3)")
@@ -150,20 +158,21 @@ class IndexHandler(tornado.web.RequestHandler):
         self.write(page)
 
 
-def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
-             allowed_origins=(), limits: ViewerLimits = ViewerLimits(),
-             history_server: history.History | None = None) -> tornado.web.Application:
-    """The page at / and Perspective's websocket at /websocket, for `tables`;
-    with `history_server`, the whole table at /history (same checks and limits)."""
-    checks = {"tables": tuple(tables), "allowed_origins": frozenset(allowed_origins), "limits": limits}
-    routes = [
-        (r"/", IndexHandler, {"history": history_server is not None}),
-        (r"/websocket", ViewerHandler, {"perspective_server": perspective_server, **checks}),
-    ]
+def make_app(feed: Feed | None, allowed_origins=(), limits: ViewerLimits = ViewerLimits(),
+             history_server: history.History | None = None,
+             tables=(connection.TABLE,)) -> tornado.web.Application:
+    """The page at /, the live rows at /feed; with `history_server`, the
+    whole table of `tables` at /history (Perspective's protocol, checked and limited)."""
+    origins = frozenset(allowed_origins)
+    routes = [(r"/", IndexHandler, {"history": history_server is not None})]
+    if feed is not None:
+        routes.append((r"/feed", FeedHandler, {"feed": feed, "allowed_origins": origins, "limits": limits}))
     if history_server is not None:
-        routes.append((r"/history", ViewerHandler, {"perspective_server": history_server, **checks}))
+        routes.append((r"/history", ViewerHandler, {"perspective_server": history_server, "tables": tuple(tables),
+                                                    "allowed_origins": origins, "limits": limits}))
     return tornado.web.Application(routes,
-        # A viewer's requests are a few hundred bytes; nothing needs more.
+        # A history viewer's requests are a few hundred bytes, and the feed
+        # takes none; nothing needs more.
         websocket_max_message_size=1 << 20,
         # Pings find viewers that vanished without closing (a laptop lid, a
         # dropped network), so their connection slots and views are freed.
@@ -171,20 +180,14 @@ def make_app(perspective_server: perspective.Server, tables=(connection.TABLE,),
     )
 
 
-def to_ipc(rows: pa.Table) -> bytes:
-    """Arrow IPC stream bytes: the form Table.update() takes without copying per row."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, rows.schema) as writer:
-        writer.write_table(rows)
-    return sink.getvalue().to_pybytes()
-
-
 class Sync:
-    """Moves new rows from the Tail into the Perspective table; keeps figures."""
+    """Moves new rows from the Tail into the Perspective table, and with a
+    `feed`, on to every page; keeps figures."""
 
-    def __init__(self, tail: Tail, table: perspective.Table):
+    def __init__(self, tail: Tail, table: perspective.Table, feed: Feed | None = None):
         self.tail = tail
         self.table = table
+        self.feed = feed
         self.rows = 0
         self.lags_ms: list[np.ndarray] = []
 
@@ -195,6 +198,8 @@ class Sync:
         # Perspective takes the Arrow table itself and reads only the columns
         # its schema has: no IPC copy, and the cursor column is ignored.
         self.table.update(rows)
+        if self.feed is not None:
+            self.feed.publish(rows)  # on this thread, right behind the update: see feed.py
         # Freshness: from the moment ClickHouse stamped the row to now, when
         # the row is in the table that browsers read.
         self.lags_ms.append((time.time_ns() // 1000 - cursors) / 1000)
@@ -284,8 +289,10 @@ async def wait_for_table(tail: Tail, run, stop: asyncio.Event, patience: float =
     return False
 
 
-async def start_sync(tail: Tail, perspective_server: perspective.Server, settings: ServerSettings, run) -> Sync:
-    """Creates the Perspective table from the described ClickHouse table and backfills it."""
+async def start_sync(tail: Tail, perspective_server: perspective.Server, settings: ServerSettings, run,
+                     feed: Feed | None = None) -> Sync:
+    """Creates the Perspective table from the described ClickHouse table, backfills
+    it, then opens the `feed` to pages."""
     for name, clickhouse_type in tail.skipped:
         log.warning("column %s (%s) has no Perspective type; it is left out", name, clickhouse_type)
     for warning in await run(tail.layout_warnings):
@@ -295,6 +302,8 @@ async def start_sync(tail: Tail, perspective_server: perspective.Server, setting
     sync = Sync(tail, table)
     backfilled = await run(sync.backfill, settings.limit)
     log.info("backfilled %s rows into Perspective table %s", f"{backfilled:,}", settings.table)
+    if feed is not None:
+        sync.feed = feed.attach(table)
     return sync
 
 
@@ -373,8 +382,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         # waits for a poll, nor a poll for a history query.
         history_server = history.History(lambda: connection.connect(ch), settings.table, settings.cursor,
                                           hidden, settings.history)
-    app = make_app(perspective_server, [settings.table], settings.allowed_origins, settings.limits,
-                   history_server)
+    feed = Feed(run, settings.limit)
+    app = make_app(feed, settings.allowed_origins, settings.limits, history_server, [settings.table])
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:
@@ -387,7 +396,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
     tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden,
                 check_every=settings.check_every)
     if await wait_for_table(tail, run, stop, settings.table_wait):
-        sync = await start_sync(tail, perspective_server, settings, run)
+        sync = await start_sync(tail, perspective_server, settings, run, feed)
         await sync_forever(sync, settings, run, stop)
 
     log.info("shutting down")

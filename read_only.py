@@ -1,10 +1,10 @@
 """Viewers may look, not touch: a gate for Perspective's websocket requests.
 
-perspective-python's Tornado handler passes every websocket message to the
-Perspective server, and the protocol lets any client write: a second browser
-could clear the table, replace it, or host tables of its own. There is no
-read-only switch, so this module reads each request and lets through only
-what a <perspective-viewer> needs to look at data.
+History (/history) speaks Perspective's websocket protocol, and that
+protocol lets any client write: a browser could clear a table, replace it,
+or host tables of its own. There is no read-only switch, so this module
+reads each request and lets through only what a <perspective-viewer> needs
+to look at data. (Live pages send the server nothing: feed.py.)
 
 A request is a protobuf `perspective.proto.Request`: field 1 is the message
 id, field 2 the table or view it is about, and one field numbered 3 and up
@@ -21,11 +21,6 @@ connection created, and each view creation needs a message id of its own.
 Looking can still cost the server a lot, so the gate also bounds what one
 connection may ask for (the limits are ViewerLimits in viewers.py):
 
-* expressions: a view may compute columns with ExprTK, a language with
-  loops and assignment; one `while` loop stalls every viewer for good. So
-  an expression must parse as a small arithmetic language (column names,
-  numbers, strings, + - * / and parentheses, and a short list of functions
-  such as bucket()), which costs a bounded amount per row;
 * views per connection, and subscriptions (on_update, on_delete) per view
   or table;
 * reads: a read asks for a viewport (rows and columns); one without an end,
@@ -36,7 +31,6 @@ connection may ask for (the limits are ViewerLimits in viewers.py):
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import Iterator
 
 # Message layouts, from perspective.proto: field number -> kind, where a
@@ -99,7 +93,6 @@ VIEWER_REQUESTS = {
 _ABOUT_SERVER = {3, 4, 17, 37}
 _ABOUT_TABLE = {5, 6, 7, 8, 9, 29, 30}
 MAKE_VIEW = 6
-_VALIDATE_EXPRESSIONS = 9
 VIEW_DELETE = 11
 # Subscriptions, and the request that ends each: view on_update, table and
 # view on_delete. Each costs the server a callback for as long as it lasts.
@@ -107,7 +100,6 @@ _SUBSCRIBE = {21: "update", 29: "delete", 34: "delete"}
 _UNSUBSCRIBE = {22: 21, 30: 29, 35: 34}
 # Reads whose field 1 is a viewport (to_arrow, to_columns, to_csv, to_rows, to_ndjson).
 _READS = {16, 24, 25, 26, 36}
-_EXPRESSIONS = 6  # field of the view config (a map: name -> expression)
 _MAX_DEPTH = 8
 
 
@@ -212,144 +204,6 @@ def is_allowed(data: bytes) -> bool:
     return True
 
 
-# --- Expressions -----------------------------------------------------------
-#
-# Perspective evaluates expressions with ExprTK, which has variables,
-# assignment, loops and string functions. A dashboard needs arithmetic on
-# columns and time buckets, so instead of listing what to forbid, this
-# parser accepts only a small language and refuses everything else:
-#
-#     expression := term (("+" | "-") term)*
-#     term       := factor (("*" | "/") factor)*
-#     factor     := ("+" | "-") factor | number | 'string' | "column"
-#                 | "(" expression ")" | function "(" arguments ")"
-#
-# Every construct costs a bounded amount per row, so a view's expressions
-# cost at most (rows x length) steps.
-
-# function name -> how many arguments it takes
-FUNCTIONS = {
-    "bucket": 2, "abs": 1, "floor": 1, "ceil": 1, "min": 2, "max": 2,
-    "hour_of_day": 1, "day_of_week": 1, "month_of_year": 1,
-}
-_TIME_UNIT = re.compile(r"'\d*[smhDWMY]'")
-_TOKEN = re.compile(r"""
-    (?P<space>\s+|//[^\n]*)
-  | (?P<column>"(?:[^"\\\n]|\\.)*")
-  | (?P<string>'(?:[^'\\\n]|\\.)*')
-  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
-  | (?P<name>[A-Za-z_][A-Za-z0-9_]*)
-  | (?P<symbol>[-+*/(),])
-""", re.VERBOSE)
-_MAX_NESTING = 16
-
-
-class RefusedExpression(ValueError):
-    pass
-
-
-def _tokens(text: str) -> list[tuple[str, str]]:
-    tokens, at = [], 0
-    while at < len(text):
-        match = _TOKEN.match(text, at)
-        if match is None:
-            raise RefusedExpression(f"{text[at:at + 10]!r} is not allowed in an expression")
-        if match.lastgroup != "space":
-            tokens.append((match.lastgroup, match.group()))
-        at = match.end()
-    return tokens
-
-
-class _Parser:
-    """Recursive descent over the grammar above; raises RefusedExpression."""
-
-    def __init__(self, tokens: list[tuple[str, str]]):
-        self.tokens, self.at, self.depth = tokens, 0, 0
-
-    def peek(self) -> tuple[str, str]:
-        return self.tokens[self.at] if self.at < len(self.tokens) else ("end", "")
-
-    def take(self, text: str) -> None:
-        if self.peek()[1] != text:
-            raise RefusedExpression(f"expected {text!r}, found {self.peek()[1] or 'the end'!r}")
-        self.at += 1
-
-    def nested(self, rule) -> None:
-        # Parentheses and signs nest; a bound keeps Python's stack safe.
-        self.depth += 1
-        if self.depth > _MAX_NESTING:
-            raise RefusedExpression("expression nested too deeply")
-        rule()
-        self.depth -= 1
-
-    def expression(self) -> None:
-        self.term()
-        while self.peek()[1] in ("+", "-"):
-            self.at += 1
-            self.term()
-
-    def term(self) -> None:
-        self.factor()
-        while self.peek()[1] in ("*", "/"):
-            self.at += 1
-            self.factor()
-
-    def factor(self) -> None:
-        kind, text = self.peek()
-        self.at += 1
-        if text in ("+", "-"):
-            self.nested(self.factor)
-        elif kind in ("number", "string", "column"):
-            return
-        elif text == "(":
-            self.nested(self.expression)
-            self.take(")")
-        elif kind == "name":
-            self.call(text)
-        else:
-            raise RefusedExpression(f"unexpected {text or 'end of expression'!r}")
-
-    def call(self, name: str) -> None:
-        if name not in FUNCTIONS:
-            raise RefusedExpression(f"{name} is not an allowed function ({', '.join(FUNCTIONS)})")
-        self.take("(")
-        arguments = [self.at]
-        self.nested(self.expression)
-        while self.peek()[1] == ",":
-            self.at += 1
-            arguments.append(self.at)
-            self.nested(self.expression)
-        self.take(")")
-        if len(arguments) != FUNCTIONS[name]:
-            raise RefusedExpression(f"{name}() takes {FUNCTIONS[name]} argument(s)")
-        if name == "bucket":
-            kind, unit = self.tokens[arguments[1]]
-            if kind == "string" and not _TIME_UNIT.fullmatch(unit):
-                raise RefusedExpression(f"bucket() unit {unit} is not a count and one of s m h D W M Y")
-
-
-def check_expression(text: str, max_length: int) -> None:
-    """Raises RefusedExpression unless `text` is in the small language above."""
-    if len(text) > max_length:
-        raise RefusedExpression(f"expression longer than {max_length} characters")
-    parser = _Parser(_tokens(text))
-    parser.expression()
-    if parser.at != len(parser.tokens):
-        raise RefusedExpression(f"unexpected {parser.peek()[1]!r}")
-
-
-def expressions_in(kind: int, body: bytes) -> list[str]:
-    """The expressions a make_view or validate_expr request carries."""
-    if kind == MAKE_VIEW:
-        config = next((value for number, _, value in message_fields(body) if number == 2), b"")
-        entries = [value for number, _, value in message_fields(config) if number == _EXPRESSIONS]
-    elif kind == _VALIDATE_EXPRESSIONS:
-        entries = [value for number, _, value in message_fields(body) if number == 1]
-    else:
-        return []
-    return [next((v.decode() for n, _, v in message_fields(entry) if n == 2), "") for entry in entries]
-
-
 # --- Read sizes ---------------------------------------------------------------
 
 def clamp_viewport(viewport: dict[int, int], columns: int, max_cells: int) -> dict[int, int]:
@@ -398,7 +252,6 @@ class ViewerGate:
     tables and about views this connection created, within the limits."""
 
     def __init__(self, tables, max_views: int = 1 << 30, max_subscriptions: int = 1 << 30,
-                 max_expression_length: int = 1000, max_expressions: int = 1 << 30, check_expressions: bool = True,
                  max_read_cells: int = 1 << 62):
         self.tables = {name.encode() for name in tables}
         self.views: set[bytes] = set()
@@ -408,8 +261,6 @@ class ViewerGate:
         self.view_columns: dict[bytes, int] = {}
         self.closed_views: dict[bytes, str] = {}
         self.max_views, self.max_subscriptions = max_views, max_subscriptions
-        self.max_expression_length, self.check_expressions = max_expression_length, check_expressions
-        self.max_expressions = max_expressions
         self.max_read_cells = max_read_cells
         self.reason: str | None = None
         self.request: bytes = b""
@@ -439,16 +290,6 @@ class ViewerGate:
                 return f"{READ_ONLY}: not a hosted table"
             if kind in _SUBSCRIBE or kind in _UNSUBSCRIBE:
                 return self._count_subscription(entity_id, kind)
-            if self.check_expressions:
-                expressions = expressions_in(kind, body)
-                if len(expressions) > self.max_expressions:
-                    # Each costs up to its length per row: bound the sum, not just each one.
-                    return f"too many expressions in one request (limit {self.max_expressions})"
-                try:
-                    for expression in expressions:
-                        check_expression(expression, self.max_expression_length)
-                except RefusedExpression as error:
-                    return f"expression refused: {error}"
             if kind == MAKE_VIEW:
                 view_id = next((value for number, _, value in message_fields(body) if number == 1), b"")
                 if not view_id or view_id in self.views or msg_id in self._view_messages:

@@ -1,30 +1,25 @@
-"""Who may connect, and what a connection may ask: the viewers' websocket.
+"""Who may connect, and what a connection may ask: History's websocket.
 
-Every browser that opens the page holds one websocket to the server. This
-module is that websocket's handler. It wraps Perspective's server session
-with checks that perspective-python's own Tornado handler does not make:
+The History view (history.py) speaks Perspective's own protocol: the viewer
+sends its pivot, the server answers with cells. This module is that
+websocket's handler. It wraps the Perspective session with checks that
+perspective-python's own Tornado handler does not make:
 
 * same origin: a handshake from a page on another site gets 403, so a page
   elsewhere cannot use a visitor's browser to reach this dashboard;
 * read-only: each request passes read_only.ViewerGate first, so a viewer can
   look at the hosted table but never change it;
-* limits (ViewerLimits): looking can still cost the server everything. One
-  Perspective server does all viewers' work under one lock, so one viewer's
-  huge pivot, endless expression or unread replies stall every other viewer
-  and the sync too. So each limit below stops one way to do that, before
-  Perspective does the work, and answers the request with an error reply
-  (its promise rejects) or closes that one connection.
+* limits (ViewerLimits): looking can still cost the server a lot: a huge
+  pivot, a flood of views or subscriptions, replies never read. So each
+  limit below stops one way to do that, before the work is done, and
+  answers the request with an error reply (its promise rejects) or closes
+  that one connection.
 
-Perspective's work runs on one worker thread per Perspective server, not on
-the IOLoop: Session.handle_request is synchronous and releases the GIL, so
-while it builds a view the IOLoop keeps serving the page, websocket pings and
-replies already computed. One thread (not a pool) because Perspective locks
-the whole server per request anyway, and it keeps each session's requests in
-order.
+Requests are handed to one worker thread per Perspective server, never run
+on the IOLoop, and in order for each session.
 
-Every route that uses ViewerHandler (the live /websocket, a /history over
-another Perspective server) gets the same limits; the counts of connections
-are shared by all routes.
+The live feed (feed.py) shares the connection counts and the send-buffer
+limit; it takes no requests at all, so it needs nothing else from here.
 """
 
 from __future__ import annotations
@@ -45,13 +40,11 @@ import read_only
 
 log = logging.getLogger("server")
 
-HEAVY_REQUEST_S = 0.01  # a request that held Perspective longer is followed by a rest
-
-
 @dataclass(frozen=True)
 class ViewerLimits:
-    """What one viewer may use. The defaults fit the dashboard (a few views
-    of a 10,000-row table) with room to spare; see README, Reliability and security."""
+    """What one viewer may use; the defaults leave room to spare (README,
+    Reliability and security). Connections and the send buffer apply to
+    /feed too."""
     connections: int = 100               # open websockets, all addresses together
     connections_per_address: int = 8     # open websockets from one IP address (browser tabs)
     views: int = 16                      # live views per connection
@@ -60,20 +53,14 @@ class ViewerLimits:
     view_columns: int = 1_000            # columns a view may have after split_by
     view_cells: int = 20_000_000         # rows x columns a view may have
     read_cells: int = 1_000_000          # cells one read may return (a page of the view)
-    expression_length: int = 500         # characters per expression
-    expressions_per_view: int = 32       # expressions in one view (or one validation request)
-    expressions: bool = True             # check expressions against the allowlist
     send_buffer: int = 32 << 20          # bytes waiting to be sent before the socket is closed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The --max-* flags of perspective_server.py, one per numeric ViewerLimits field.
-
-    `expressions` has no flag: the expression check stays on for the live
-    table; a route whose server computes no expressions (history) may turn it off.
-    """
+    """The --max-* flags of perspective_server.py, one per ViewerLimits field."""
     defaults = ViewerLimits()
-    group = parser.add_argument_group("limits per viewer (each refusal is logged and answered with an error)")
+    group = parser.add_argument_group("limits per viewer (each refusal is logged and answered with an error; "
+                                      "connections and send buffer count live pages too)")
     for flag, field, text in (
         ("--max-connections", "connections", "open websockets in total"),
         ("--max-connections-per-address", "connections_per_address", "open websockets from one IP address"),
@@ -83,8 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ("--max-view-columns", "view_columns", "columns a view may have (split_by multiplies them)"),
         ("--max-view-cells", "view_cells", "rows x columns a view may have"),
         ("--max-read-cells", "read_cells", "cells one read returns; larger reads get the first page"),
-        ("--max-expression-length", "expression_length", "characters in one computed-column expression"),
-        ("--max-expressions-per-view", "expressions_per_view", "computed columns in one view"),
         ("--max-send-buffer", "send_buffer", "bytes queued for a viewer that does not read; then it is closed"),
     ):
         group.add_argument(flag, type=int, default=getattr(defaults, field), metavar="N", dest=f"limit_{field}",
@@ -105,7 +90,6 @@ class Viewers:
     by_address: collections.Counter = collections.Counter()
     refused = 0
     workers: dict[int, tuple[perspective.Server, ThreadPoolExecutor]] = {}
-    probes: dict[int, object] = {}  # id(server) -> its local client, used on the worker only
     _last_connection_log = 0.0
 
     @classmethod
@@ -125,6 +109,27 @@ class Viewers:
         return None
 
     @classmethod
+    def refuse_connection(cls, reason: str) -> None:
+        cls.refused += 1
+        if time.monotonic() - cls._last_connection_log > 10:  # a flood is one line per 10 s
+            cls._last_connection_log = time.monotonic()
+            log.warning("refused a websocket: %s", reason)
+
+    @classmethod
+    def join(cls, handler) -> None:
+        cls.open.add(handler)
+        cls.by_address[handler.request.remote_ip] += 1
+
+    @classmethod
+    def leave(cls, handler) -> None:
+        if handler in cls.open:
+            cls.open.discard(handler)
+            address = handler.request.remote_ip
+            cls.by_address[address] -= 1
+            if not cls.by_address[address]:
+                del cls.by_address[address]
+
+    @classmethod
     def close_all(cls) -> None:
         """Ends every viewer's Perspective session while the server still exists.
 
@@ -134,11 +139,13 @@ class Viewers:
         after the request it may be running.
         """
         for handler in list(cls.open):
-            handler.end_session()
+            if isinstance(handler, ViewerHandler):
+                handler.end_session()
+            else:
+                handler.close()
         for _, worker in cls.workers.values():
             worker.shutdown(wait=True)
         cls.workers.clear()
-        cls.probes.clear()
 
 
 def _message_id(response: bytes) -> int | None:
@@ -152,23 +159,6 @@ def _message_id(response: bytes) -> int | None:
 def _request(msg_id: int, view_id: bytes, kind: int) -> bytes:
     """A Request with an empty body, e.g. view_dimensions (12) or view_delete (11)."""
     return read_only.encode_message([(1, 0, msg_id), (2, 2, view_id), (kind, 2, b"")])
-
-
-def _split_of(table: bytes, make_view_body: bytes) -> dict | None:
-    """The table, split_by, shown columns and expressions of a make_view
-    request, or None when it has no split_by."""
-    config = next((value for number, _, value in read_only.message_fields(make_view_body) if number == 2), b"")
-    split_by, columns, expressions = [], [], {}
-    for number, _, value in read_only.message_fields(config):
-        if number == 2:
-            split_by.append(value.decode())
-        elif number == 3:
-            columns.append(value)
-        elif number == 6:
-            entry = {n: v.decode() for n, _, v in read_only.message_fields(value)}
-            expressions[entry.get(1, "")] = entry.get(2, "")
-    return {"table": table.decode(), "split_by": split_by, "columns": columns, "expressions": expressions} \
-        if split_by else None
 
 
 def _dimensions(response: bytes) -> tuple[int, int] | None:
@@ -205,10 +195,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
     async def get(self, *args, **kwargs):
         refusal = Viewers.admit(self.request.remote_ip, self.limits)
         if refusal is not None:
-            Viewers.refused += 1
-            if time.monotonic() - Viewers._last_connection_log > 10:  # a flood is one line per 10 s
-                Viewers._last_connection_log = time.monotonic()
-                log.warning("refused a websocket: %s", refusal)
+            Viewers.refuse_connection(refusal)
             self.set_status(503)
             self.finish(refusal)
             return
@@ -218,8 +205,6 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         limits = self.limits
         self.gate = read_only.ViewerGate(
             self.tables, max_views=limits.views, max_subscriptions=limits.subscriptions,
-            max_expression_length=limits.expression_length, max_expressions=limits.expressions_per_view,
-            check_expressions=limits.expressions,
             max_read_cells=limits.read_cells)
         self.refused = 0
         self.in_flight = 0          # requests handed to the worker, not yet run
@@ -232,8 +217,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         # Perspective answers on the worker (or on the sync thread, for
         # updates); writes happen on the IOLoop.
         self.session = self.server.new_session(lambda response: self.loop.add_callback(self._send, response))
-        Viewers.open.add(self)
-        Viewers.by_address[self.address] += 1
+        Viewers.join(self)
 
     # --- requests: gate, limits, then the worker thread --------------------
 
@@ -246,8 +230,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
             return self._refuse(message, self.gate.reason)
         request = self.gate.request
         follow_up = None
-        msg_id, entity_id, kind, body = read_only.parse_request(request)
-        split = None
+        msg_id, _, kind, body = read_only.parse_request(request)
         if kind == read_only.MAKE_VIEW:
             # A view's size is known only once it exists: ask for its
             # dimensions right behind it, and hold the reply until then.
@@ -256,77 +239,22 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
             self.size_checks[size_check] = (view_id, msg_id, request)
             self.held[msg_id] = b""
             follow_up = _request(size_check, view_id, 12)
-            split = _split_of(entity_id, body)
         self.in_flight += 1
-        self.worker.submit(self._run, request, follow_up, split).add_done_callback(
+        self.worker.submit(self._run, request, follow_up).add_done_callback(
             lambda _: self.loop.add_callback(self._ran))
 
-    def _run(self, request: bytes, follow_up: bytes | None = None, split: dict | None = None) -> None:
+    def _run(self, request: bytes, follow_up: bytes | None = None) -> None:
         """On the worker thread: one request, and maybe one of the handler's
         own right behind it on the same session."""
         session = self.session
         if session is None:  # the viewer left while this waited
             return
-        started = time.perf_counter()
-        too_wide = split and self._split_too_wide(split)
-        if too_wide:
-            self.loop.add_callback(self._refuse_view, request, follow_up, too_wide)
-        else:
-            session.handle_request(request)
-            if follow_up is not None:
-                session.handle_request(follow_up)
-        # Perspective's lock is not fair: a worker going from one heavy
-        # request straight to the next can keep the sync thread off the table
-        # for a whole burst (16 new pivot views: about a second). Resting as
-        # long as a heavy request took gives heavy work at most half the
-        # server's time, and lets updates in between.
-        spent = time.perf_counter() - started
-        if spent > HEAVY_REQUEST_S:
-            time.sleep(min(spent, 1.0))
+        session.handle_request(request)
+        if follow_up is not None:
+            session.handle_request(follow_up)
 
     def _ran(self):
         self.in_flight -= 1
-
-    def _split_too_wide(self, split: dict) -> str | None:
-        """On the worker: why a split_by would make too many columns, or None.
-
-        The size check after creation catches every oversized view, but by
-        then Perspective has built it: 100,000 columns hold the server for
-        about a second. For a split, the columns are (distinct values of the
-        split columns) x (columns shown), and a small group-by view of the
-        same table counts the distinct values first, in milliseconds. Only
-        for a Perspective server with a local client; others rely on the
-        size check alone.
-        """
-        if not hasattr(self.server, "new_local_client"):
-            return None
-        probes = Viewers.probes
-        if id(self.server) not in probes:
-            probes[id(self.server)] = self.server.new_local_client()
-        try:
-            table = probes[id(self.server)].open_table(split["table"])
-            probe = table.view(group_by=split["split_by"], columns=[], expressions=split["expressions"])
-            try:
-                values = probe.num_rows() - 1  # less the total row
-            finally:
-                probe.delete()
-            shown = len(split["columns"]) or len(table.columns()) + len(split["expressions"])
-        except perspective.PerspectiveError:
-            return None  # an invalid config: Perspective's own answer says why
-        if values * shown > self.limits.view_columns:
-            return (f"view too large: split_by {', '.join(split['split_by'])} makes {values:,} x {shown} columns "
-                    f"(limit {self.limits.view_columns:,}); split by a column with fewer values")
-        return None
-
-    def _refuse_view(self, request: bytes, follow_up: bytes, reason: str) -> None:
-        msg_id, _, _, body = read_only.parse_request(request)
-        view_id = next(value for number, _, value in read_only.message_fields(body) if number == 1)
-        size_check = read_only.parse_request(follow_up)[0]
-        self.held.pop(msg_id, None)
-        self.size_checks.pop(size_check, None)
-        self.own_ids.discard(size_check)
-        self.gate.close_view(view_id, reason)
-        self._refuse(request, reason)
 
     def _refuse(self, message: bytes, reason: str) -> None:
         if not self.refused:  # once per connection: enough to see who and why
@@ -414,10 +342,7 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         session, self.session = getattr(self, "session", None), None
         if session is not None:
             self.worker.submit(session.close)
-            Viewers.open.discard(self)
-            Viewers.by_address[self.address] -= 1
-            if not Viewers.by_address[self.address]:
-                del Viewers.by_address[self.address]
+            Viewers.leave(self)
 
     def on_close(self):
         self.end_session()

@@ -4,9 +4,12 @@ A benchmark, not a test. It measures freshness, the time from a producer's
 insert to the row being visible, with the demo's default settings
 (perspective_server.py at its default --interval; 100 rows every 500 ms), at two hops:
 
-  1. insert -> Python client: a perspective AsyncClient over a real
-     websocket (tests/servers.py open_viewer), with a view whose
-     `on_update(mode="row")` delta carries the new rows;
+  1. insert -> Python client: for this project, a copy of the table that
+     follows the live feed as the page does (feed.Replica), noting each
+     batch as it arrives; for the servers that still serve Perspective's
+     /websocket (the old poll scheme, the predecessor), a perspective
+     AsyncClient with a view whose `on_update(mode="row")` delta carries the
+     new rows;
   2. insert -> browser page: headless Chromium on the served index.html
      (Debian's chromium with the CDN routed to tests/node_modules, as in
      tests/browser.py), measured inside the page with a second view on the
@@ -15,10 +18,12 @@ insert to the row being visible, with the demo's default settings
      frame ("drawn": every view of the dashboard has redrawn with the
      update). The target is drawn p95 <= 200 ms (issue 9; it was 500 ms).
 
-The page before the dashboard (one grid; --old-page, by default
-`git show` of index.html at the last commit before the dashboard) is
-measured in the same run, on the same server, in a window of its own beside
-the dashboard: "old page" rows.
+The page before the dashboard (one grid; --old-page) spoke Perspective's
+/websocket, which this project's server no longer serves, so it is measured
+only as the predecessor's page. `--schemes project old-design` measures the
+design before the feed beside this one, in the same run: its own
+perspective_server.py and dashboard (bench/fanout.py's old_design), whose
+views ran on the server.
 
 Every process is the real one: ClickHouse is the chDB test harness
 (tests/chdb_http.py, chDB behind ClickHouse's HTTP interface) and the server
@@ -157,10 +162,13 @@ PREDECESSOR_SCHEMA = {
     "client": "string", "open": "float", "high": "float", "low": "float", "close": "float",
     "volume": "integer", "date": "date",
 }
-SCHEMES = {"project": "this project", "old-poll": "old poll scheme", "predecessor": "predecessor"}
+SCHEMES = {"project": "this project", "old-poll": "old poll scheme", "old-design": "views on the server",
+           "predecessor": "predecessor"}
 # This project's server with the poll of earlier versions, which fetched
-# the whole overlap window on every poll (see serve_old_poll).
-PROJECT_SERVERS = ("project", "old-poll")
+# the whole overlap window on every poll (see serve_old_poll); and the
+# design before the feed, whose dashboard's views ran on the server
+# (bench/fanout.py's old_design: its own perspective_server.py and index.html).
+PROJECT_SERVERS = ("project", "old-poll", "old-design")
 OLD_PAGE = "project-old-page"  # the page before the dashboard, on this project's server
 THROTTLE_PAGE = "project-throttle"  # the dashboard again, its viewers with --compare-throttle
 # The last commit whose index.html was one grid (before the dashboard).
@@ -257,6 +265,15 @@ def start_old_poll_server(port: int, harness, database: str, log_path: Path, int
     env = {**harness.env(), "CLICKHOUSE_DB": database}
     return Program("old-poll", [str(Path(__file__).resolve()), "--serve-old-poll", str(port),
                                 "--server-interval", str(interval)], env, log_path)
+
+
+def start_old_design_server(port: int, harness, database: str, log_path: Path, interval: float = 0.1) -> Program:
+    from fanout import old_design
+
+    env = {**harness.env(), "CLICKHOUSE_DB": database}
+    script = old_design(None) / "perspective_server.py"
+    return Program("old-design", [str(script), "--port", str(port), "--interval", str(interval), "--show-key"],
+                   env, log_path)
 
 
 def start_predecessor_server(port: int, harness, database: str, log_path: Path, page: Path) -> Program:
@@ -366,9 +383,24 @@ async def subscribe(port: int, columns: list[str], watcher: Watcher, timeout: fl
     Returns (socket, reader task, table, view); the table may not exist yet when
     the server has just started, so this waits for it.
     """
-    from servers import open_viewer
+    import tornado.httpclient
+    from servers import follow_feed, open_viewer
 
-    client, socket, reader = await open_viewer(port)
+    try:
+        replica, follower = await follow_feed(port, patience=timeout)
+    except tornado.httpclient.HTTPClientError:  # 404: a server with Perspective's /websocket instead
+        replica = None
+    if replica is not None:
+        follower.cancel()
+
+        async def follow():  # what replica.follow() does, noting when each batch arrived
+            while (message := await replica.socket.read_message()) is not None:
+                replica.apply(message)
+                watcher.on_update(None, memoryview(message)[8:])
+
+        return replica.socket, asyncio.ensure_future(follow()), replica.table, None
+
+    client, socket, reader = await open_viewer(port, path="/websocket")
     deadline = time.monotonic() + timeout
     while not (names := await client.get_hosted_table_names()):
         if time.monotonic() > deadline:
@@ -659,6 +691,9 @@ def run(args) -> dict:
             if scheme == "project":
                 servers[scheme] = start_project_server(ports[scheme], harness, database, log_path,
                                                        args.server_interval)
+            elif scheme == "old-design":
+                servers[scheme] = start_old_design_server(ports[scheme], harness, database, log_path,
+                                                          args.server_interval)
             elif scheme == "old-poll":
                 servers[scheme] = start_old_poll_server(ports[scheme], harness, database, log_path,
                                                         args.server_interval)
@@ -677,9 +712,6 @@ def run(args) -> dict:
         if pages:
             urls = {scheme: f"http://127.0.0.1:{port}/" for scheme, port in ports.items()}
             documents = {}
-            if old_page is not None and "project" in ports and not args.smoke:
-                urls[OLD_PAGE] = f"http://127.0.0.1:{ports['project']}/?old-page"
-                documents[OLD_PAGE] = old_page
             throttles = {} if args.page_throttle is None else {scheme: args.page_throttle for scheme in urls}
             if args.compare_throttle is not None and "project" in ports:
                 urls[THROTTLE_PAGE] = f"http://127.0.0.1:{ports['project']}/?compare-throttle"

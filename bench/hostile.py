@@ -1,17 +1,24 @@
-"""Can one viewer stall everyone? Each attack from issue 10, old server vs new.
+"""Can one viewer stall everyone? Each attack, old server vs new.
 
 A benchmark, not a test. For each attack it starts a fresh
 `perspective_server.py --embedded` (the demo: chDB in-process, producer on a
 thread, 100 rows every 500 ms) on a chDB folder already holding
 10,000 rows, so the viewers' table is full as in a demo that has run a
 while; then it connects a well-behaved victim viewer in its
-own process (a view of the hosted table with on_update, measuring at each
-update now - newest `timestamp` in it), waits --settle seconds (before),
+own process (on the new server a page's copy of the table following /feed,
+on the old one a view of the hosted table with on_update; either way
+measuring at each update now - newest `timestamp` in it), waits --settle
+seconds (before),
 runs the attack from this process for --seconds (during), closes the
 attacker and waits --settle seconds (after), then stops the server with
 SIGINT (killed if it ignores SIGINT for 15 s: "needed kill").
 
-The attacks, each one client sending what the read-only gate lets through:
+The attacks, each one client sending what the read-only gate lets through.
+The old server ran every viewer's views on its one Perspective server at
+/websocket; the new one serves live pages a feed that takes no requests, and
+offers Perspective's protocol only for History (/history, its views
+computed in ClickHouse). So each Perspective attack goes to /websocket on
+the old server and to /history on the new one:
 
   while_loop   one view with an ExprTK `while` loop that never ends (ExprTK
                itself refuses a literal `while (true)`, not `while (i >= 0)`)
@@ -21,6 +28,8 @@ The attacks, each one client sending what the read-only gate lets through:
   many_views   384 pivot views on one connection
   connections  1,000 websockets, 200 of them with a pivot view
   subscribe    500 on_update subscriptions on one view, counting bytes pushed
+  feed_pages   (new only) three pages that never read the feed, and one that
+               joins again and again (a snapshot each time)
 
 Per attack and server: victim updates and lag p50/p95 during the attack
 (and after), server RSS and CPU before, during (max RSS, mean CPU) and
@@ -66,7 +75,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO / "tests")]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 TABLE = "stock_values"
 OLD_REF = "4ee2ee4"  # the last commit before the viewer limits (main has them since)
@@ -134,21 +143,47 @@ def percentile(values: list[float], q: float) -> float | None:
 # ---- the victim (its own process, so the attacker's load is not its own) ---
 
 async def victim(port: int, seconds: float, out: Path) -> None:
-    """A viewer on the table: at each update, (time, now - newest timestamp), as JSON lines."""
+    """A page on the table: at each update, (time, now - newest timestamp), as JSON lines."""
     import pyarrow as pa
-    from servers import open_viewer
+    import tornado.httpclient
+    from servers import follow_feed, open_viewer
 
-    client, socket, reader = await open_viewer(port)
+    def note(sink, arrow) -> None:
+        stamps = pa.ipc.open_stream(arrow).read_all().column("timestamp").cast(pa.int64())
+        newest = pa.compute.max(stamps).as_py()
+        if newest is not None:
+            sink.write(json.dumps([time.time(), time.time() * 1000 - newest]) + "\n")
+            sink.flush()
+
+    try:
+        replica, follower = await follow_feed(port, patience=0)
+    except tornado.httpclient.HTTPClientError:  # 404: the old server, views on the server
+        replica = None
+    if replica is not None:
+        follower.cancel()
+        with open(out, "a") as sink:
+            sink.write(json.dumps(["ready", time.time()]) + "\n")
+            sink.flush()
+            stop = time.monotonic() + seconds
+            while time.monotonic() < stop:
+                try:
+                    message = await asyncio.wait_for(replica.socket.read_message(), max(0.1, stop - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                if message is None:
+                    break
+                replica.apply(message)
+                note(sink, memoryview(message)[8:])
+        replica.close()
+        return
+
+    client, socket, reader = await open_viewer(port, path="/websocket")
     table = await client.open_table(TABLE)
     view = await table.view(columns=["timestamp"])
     with open(out, "a") as sink:
         def on_update(port_id, delta=None):
             if delta:
-                stamps = pa.ipc.open_stream(delta).read_all().column("timestamp").cast(pa.int64())
-                newest = pa.compute.max(stamps).as_py()
-                if newest is not None:
-                    sink.write(json.dumps([time.time(), time.time() * 1000 - newest]) + "\n")
-                    sink.flush()
+                note(sink, delta)
 
         await view.on_update(on_update, mode="row")
         sink.write(json.dumps(["ready", time.time()]) + "\n")
@@ -160,13 +195,18 @@ async def victim(port: int, seconds: float, out: Path) -> None:
 
 # ---- the attacks ---------------------------------------------------------------
 
+# Where a Perspective client reaches the server: the old server's live
+# /websocket, or the new server's /history (run_one sets it per server).
+PERSPECTIVE_PATH = {"path": "/websocket"}
+
+
 async def connect(port: int):
     """A Perspective client over a websocket that counts the bytes it receives."""
     import perspective
     import tornado.httpclient
     import tornado.websocket
 
-    request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/websocket",
+    request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}{PERSPECTIVE_PATH['path']}",
                                              headers={"Origin": f"http://127.0.0.1:{port}"})
     socket = await tornado.websocket.websocket_connect(request, max_message_size=1 << 30)
     client = perspective.AsyncClient(lambda message: socket.write_message(message, binary=True))
@@ -293,8 +333,27 @@ async def subscribe(port, seconds, sockets, scale) -> str:
     return f"{made} subscriptions{tail}; {pushed / 1e6:.1f} MB pushed in {listened:.0f} s"
 
 
+async def feed_pages(port, seconds, sockets, scale) -> str:
+    from servers import follow_feed
+    from test_feed import Mute
+
+    if PERSPECTIVE_PATH["path"] == "/websocket":
+        return "no /feed on this server"
+    stuck = [Mute(port) for _ in range(3)]
+    joins = 0
+    deadline = time.monotonic() + seconds - 1
+    while time.monotonic() < deadline and joins < int(2000 * scale):
+        replica, follower = await follow_feed(port, patience=0)
+        replica.close(), follower.cancel()
+        joins += 1
+    for page in stuck:
+        page.sock.close()
+    return f"3 pages never read; {joins} joins, each with a snapshot"
+
+
 ATTACKS = {"while_loop": while_loop, "loop_10k": loop_10k, "split_close": split_close, "unread": unread,
-           "many_views": many_views, "connections": connections, "subscribe": subscribe}
+           "many_views": many_views, "connections": connections, "subscribe": subscribe,
+           "feed_pages": feed_pages}
 
 
 # ---- one run: a server, a victim, an attack -------------------------------------
@@ -358,6 +417,7 @@ def lag_figures(samples: list[tuple[float, float]], start: float, end: float) ->
 
 async def run_one(code_dir: Path, attack: str, args, scratch: Path) -> dict:
     port = free_port()
+    PERSPECTIVE_PATH["path"] = "/history" if (code_dir / "feed.py").exists() else "/websocket"
     log = scratch / f"{attack}-{code_dir.name}.log"
     data = scratch / f"chdb-{attack}-{port}"
     prefill(data)
@@ -406,7 +466,7 @@ async def run_one(code_dir: Path, attack: str, args, scratch: Path) -> dict:
         "during": {**lag_figures(samples, t1, t2), **during}, "after": {**lag_figures(samples, t2, t3), **after},
         "attacker_got": outcome if isinstance(outcome, str) else "(attack still running when its time ran out)",
         "sigint": stopped, "never_retrieved": text.count("Task exception was never retrieved"),
-        "slow_viewers_closed": text.count("--max-send-buffer"),
+        "slow_viewers_closed": text.count("--max-send-buffer"), "path": PERSPECTIVE_PATH["path"],
     }
 
 

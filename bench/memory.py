@@ -12,9 +12,8 @@ the way the README's Docker setup does:
   * `python perspective_server.py` with its defaults (--interval between
     polls, overlap 3 s, --limit 10,000 rows in the Perspective table);
 
-plus `--viewers` (1) websocket viewers in this process, each with the
-dashboard's view (group_by ticker, split_by client) that re-reads the view
-on every update, as a browser does.
+plus `--viewers` (1) pages in this process, each a copy of the table
+following the live feed (/feed) as index.html does.
 
 It samples the server process's RSS (VmRSS in /proc/PID/status) every
 --sample seconds. After --warmup seconds the next sample is the baseline;
@@ -106,7 +105,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from chdb_http import running  # noqa: E402
 
@@ -169,56 +168,34 @@ def stop_all(*programs: Program) -> None:
 # ---- viewers -------------------------------------------------------------
 
 class Viewer:
-    """One browser's worth of load: the dashboard's view, re-read on each update."""
+    """One browser's worth of load on the server: a page following /feed.
+
+    The page computes its views itself; what it costs the server is the feed.
+    "reads" counts the batches this copy applied to its own table.
+    """
 
     def __init__(self):
         self.updates = 0
         self.reads = 0
-        self._busy = False
 
     async def run(self, port: int, stop: asyncio.Event) -> None:
-        import perspective
-        import tornado.httpclient
-        import tornado.websocket
+        from servers import follow_feed
 
-        request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/websocket",
-                                                 headers={"Origin": f"http://127.0.0.1:{port}"})
-        sock = await tornado.websocket.websocket_connect(request, max_message_size=1 << 30)
+        replica, follower = await follow_feed(port)
+        follower.cancel()
 
-        async def send(message):
-            await sock.write_message(message, binary=True)
-
-        client = perspective.AsyncClient(send)
-
-        async def pump():
-            while (message := await sock.read_message()) is not None:
-                await client.handle_response(message)
-
-        reader = asyncio.ensure_future(pump())
-        try:
-            table = await client.open_table(TABLE)
-            view = await table.view(group_by=["ticker"], split_by=["client"],
-                                    columns=["open", "high", "low", "close", "volume"])
-
-            async def read():
-                try:
-                    await view.to_columns()
-                    self.reads += 1
-                finally:
-                    self._busy = False
-
-            def on_update(*_):
+        async def follow():
+            while (message := await replica.socket.read_message()) is not None:
                 self.updates += 1
-                if not self._busy:  # like a browser: one render in flight at a time
-                    self._busy = True
-                    asyncio.ensure_future(read())
+                replica.apply(message)
+                self.reads += 1
 
-            await view.on_update(on_update)
-            await read()
+        reading = asyncio.ensure_future(follow())
+        try:
             await stop.wait()
         finally:
-            sock.close()
-            reader.cancel()
+            replica.close()
+            reading.cancel()
 
 
 # ---- the run -------------------------------------------------------------

@@ -39,9 +39,7 @@ not meaningful, only that every benchmark runs):
     freshness          freshness p95, insert -> page drawn (predecessor)                               358 ms (p50 253, max 377, 16 batches)  n/a                                    -
     freshness          rows delivered / distinct, missed rows (predecessor)                            6.06x, 0 missed                        n/a                                    -
     freshness          server CPU, % of one core (predecessor)                                         8%                                     n/a                                    -
-    fanout             viewers that missed a row (5 viewers, 2,000 rows/s)                             0/5                                    0                                      yes
-    fanout             lag p95 across viewers, now - newest row at each update (5 viewers)             297 ms (p50 227, max 297)              n/a                                    -
-    fanout             server CPU, % of one core (5 viewers)                                           6%                                     n/a                                    -
+    fanout             (sample lines of the fan-out bench are in bench/README.md)
     poll_cost          poll p50, 100k vs 1k rows of history (Tail.poll)                                1.11x (12.6 vs 11.3 ms)                <= 1.5x                                yes
     poll_cost          rows read per poll at 100k, median (Tail.poll)                                  101,362                                ~new + overlap (700), not history      NO
     producer_capacity  producer rows/s, 10-row batches (http, best async_insert, incl. make_batch)     1,203                                  n/a (capacity)                         -

@@ -42,9 +42,10 @@ CDN_PREFIX = "https://cdn.jsdelivr.net/npm/"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 
 # Client 4.x starts fetching the in-browser server's wasm from an unversioned
-# URL next to itself (``../../../server/dist/wasm/perspective-server.wasm``).
-# Over a websocket it never uses it, so the router answers 404 and the tests
-# ignore the console line that 404 produces.
+# URL next to itself (``../../../server/dist/wasm/perspective-server.wasm``)
+# as soon as it is imported. index.html names the pinned version instead
+# before it starts its worker, so the router answers the unversioned one 404
+# and the tests ignore the console line that 404 produces.
 UNVERSIONED_SERVER_WASM = re.compile(
     r"^https://cdn\.jsdelivr\.net/npm/@perspective-dev/server/dist/wasm/perspective-server\.wasm$"
 )
@@ -242,8 +243,18 @@ def view_names(page) -> list[str]:
 
 
 def row_count(page) -> int:
-    """Rows in the table loaded into the viewers (the server-side table's size)."""
+    """Rows in the page's table, the one its viewers show (a copy of the server's)."""
     return _evaluate(page, "return await (await viewer(null).getTable()).size();")
+
+
+def table_rows(page) -> list[tuple]:
+    """Every row of the page's table, each a tuple of (column, value) pairs in column-name order."""
+    columns = _evaluate(page, """const view = await (await viewer(null).getTable()).view();
+                                 const columns = await view.to_columns();
+                                 await view.delete();
+                                 return columns;""")
+    names = sorted(columns)
+    return [tuple(zip(names, values)) for values in zip(*(columns[name] for name in names))]
 
 
 def wait_for_row_count_above(page, floor: int, timeout_s: float = 15.0, poll_ms: int = 250) -> int:

@@ -37,7 +37,7 @@ class Server:
         self._log = open(log_path, "ab")
         # A fresh chDB folder per test: no file lock shared with a demo the
         # developer may be running, and the table starts small, so the row
-        # count can still grow (the viewer's table is capped at 10,000 rows).
+        # count can still grow (the live table is capped at --limit rows).
         self.proc = subprocess.Popen(
             [sys.executable, "perspective_server.py", "--embedded", "--port", str(port),
              "--chdb-path", str(data_dir)],
@@ -95,8 +95,8 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def open_viewer(port: int, origin: str | None = None):
-    """A Perspective client over a real websocket, as a second browser would be.
+async def open_viewer(port: int, origin: str | None = None, path: str = "/history"):
+    """A Perspective client over a real websocket to History, as the page's History view is.
 
     Returns (client, socket, reader task); cancel the reader when done.
     """
@@ -107,7 +107,7 @@ async def open_viewer(port: int, origin: str | None = None):
     import tornado.websocket
 
     request = tornado.httpclient.HTTPRequest(
-        f"ws://127.0.0.1:{port}/websocket", headers={"Origin": origin or f"http://127.0.0.1:{port}"})
+        f"ws://127.0.0.1:{port}{path}", headers={"Origin": origin or f"http://127.0.0.1:{port}"})
     socket = await tornado.websocket.websocket_connect(request)
 
     async def send(message):
@@ -120,6 +120,30 @@ async def open_viewer(port: int, origin: str | None = None):
             await client.handle_response(message)
 
     return client, socket, asyncio.ensure_future(pump())
+
+
+async def follow_feed(port: int, patience: float = 60):
+    """A copy of the live table that follows /feed, as a page does: (replica, its follow task).
+
+    Retries while the server has no table yet (it closes the feed with 1013).
+    """
+    import asyncio
+
+    import perspective
+    import tornado.httpclient
+
+    from feed import FeedGap, Replica
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            replica = await Replica.connect(f"ws://127.0.0.1:{port}/feed", perspective.Server().new_local_client(),
+                                            f"http://127.0.0.1:{port}")
+            return replica, asyncio.ensure_future(replica.follow())
+        except (FeedGap, OSError, tornado.httpclient.HTTPClientError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 def serves(url: str, proc, timeout: float) -> bool:
@@ -145,19 +169,24 @@ def wait_for_page(url: str, server: "Program", others: tuple["Program", ...] = (
 class Program:
     """`python <script> <args>` from the repository root, logging to a file."""
 
-    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path):
-        self.script, self.log_path = script, log_path
+    def __init__(self, script: str, args: list[str], env: dict[str, str], log_path: Path, start: bool = True):
+        self.script, self.args, self.env, self.log_path = script, args, env, log_path
+        self.proc = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
         # The user's CLICKHOUSE_URL and friends would override the test's own.
         base = {k: v for k, v in os.environ.items() if not k.startswith(("CLICKHOUSE_", "CHDB_"))}
-        with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, script, *args], cwd=REPO, env={**base, **env},
-                                         stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, self.script, *self.args], cwd=REPO,
+                                         env={**base, **self.env}, stdout=log, stderr=subprocess.STDOUT)
 
     def text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log(self) -> str:
-        return f"--- {self.script} (exit {self.proc.poll()}):\n{self.text()}"
+        return f"--- {self.script} (exit {self.proc and self.proc.poll()}):\n{self.text()}"
 
     def interrupt(self, timeout: float = 5) -> int | None:
         """Ctrl-C; the exit code, or None if it is still running after `timeout`."""
@@ -168,6 +197,6 @@ class Program:
             return None
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()

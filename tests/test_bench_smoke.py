@@ -48,9 +48,10 @@ def test_freshness_benchmark_serves_the_old_poll_scheme_beside_the_new():
     assert delivered and delivered.group(1) == delivered.group(2) != "0", output[-1500:]
 
 
-def test_fanout_benchmark_reports_every_viewer_complete():
-    output = run_bench("fanout.py", "--smoke")
-    assert "0/5" in output  # no viewer missed a row
+def test_fanout_benchmark_runs_both_designs_without_a_gap():
+    output = run_bench("fanout.py", "--smoke")  # exits 1 on a missing batch or a client that never joined
+    designs = [line.split()[0] for line in output.splitlines() if line.split()[:1] in (["new"], ["old"])]
+    assert designs == ["new", "old"], output
 
 
 def test_poll_cost_benchmark_runs():

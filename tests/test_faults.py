@@ -39,7 +39,7 @@ import pytest
 
 import chdb_http
 import producer
-from servers import STARTUP_TIMEOUT_S, Program, free_port, open_viewer
+from servers import STARTUP_TIMEOUT_S, Program, follow_feed, free_port
 
 BATCH_SIZE = 20
 PRODUCER_ARGS = ["--interval", "0.1", "--batch-size", str(BATCH_SIZE)]
@@ -74,18 +74,17 @@ class Topology:
             client.close()
 
     def perspective_ids(self) -> list[str]:
-        """The `id` column of the server's Perspective table, over the websocket."""
+        """The `id` column of the server's Perspective table, as a page's copy of it receives it."""
         async def read() -> list[str]:
-            client, socket, reader = await open_viewer(self.port)
+            replica, follower = await follow_feed(self.port, patience=10)
             try:
-                table = await client.open_table("stock_values")
-                view = await table.view(columns=["id"])
-                ids = (await view.to_columns()).get("id", [])
-                await view.delete()
+                view = replica.table.view(columns=["id"])
+                ids = view.to_columns().get("id", [])
+                view.delete()
                 return ids
             finally:
-                socket.close()
-                reader.cancel()
+                replica.close()
+                follower.cancel()
 
         async def read_with_timeout() -> list[str]:
             return await asyncio.wait_for(read(), timeout=15)

@@ -103,7 +103,6 @@ def test_the_page_hides_history_when_the_server_has_none():
     History switch is not offered at all."""
     import asyncio
 
-    import perspective
     import tornado.httpclient
     import tornado.httpserver
 
@@ -119,6 +118,6 @@ def test_the_page_hides_history_when_the_server_has_none():
         finally:
             server.stop()
 
-    without = asyncio.run(page_of(make_app(perspective.Server(), history_server=None)))
+    without = asyncio.run(page_of(make_app(None, history_server=None)))
     assert '<meta name="history" content="off">' in without
     assert '<meta name="history" content="on">' not in without

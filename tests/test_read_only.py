@@ -1,8 +1,11 @@
 """Viewers may look, not touch; and only pages from this server may connect.
 
-The websocket tests run the server's real Tornado app with a real
-Perspective server, and connect with perspective-python's own client over a
-real websocket, as a second browser or a script on the network would.
+The websocket tests run the server's real Tornado app, with a real
+Perspective server behind the handler that guards /history (ViewerHandler:
+it does not care which Perspective server it fronts), and connect with
+perspective-python's own client over a real websocket, as a second browser
+or a script on the network would. The live feed takes no requests at all
+(tests/test_feed.py).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ async def serve_demo_table(allowed_origins=()):
     server = perspective.Server()
     table = server.new_local_client().table(ROWS, name="stock_values")
     sock, port = tornado.testing.bind_unused_port()
-    http = tornado.httpserver.HTTPServer(make_app(server, allowed_origins=allowed_origins))
+    http = tornado.httpserver.HTTPServer(make_app(None, allowed_origins, history_server=server))
     http.add_sockets([sock])
     return http, port, table
 
@@ -148,7 +151,7 @@ def test_only_the_page_own_origin_or_an_allowed_one_may_connect(origin, allowed,
 
 async def recording_viewer(port: int):
     """A Perspective client over a websocket that also keeps the requests it sends."""
-    request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/websocket",
+    request = tornado.httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/history",
                                              headers={"Origin": f"http://127.0.0.1:{port}"})
     socket = await tornado.websocket.websocket_connect(request)
     sent: list[bytes] = []
@@ -186,7 +189,7 @@ def test_a_connection_cannot_touch_another_connection_view_or_an_unlisted_table(
         # Hosted by the same Perspective server, but not offered to viewers.
         local.table({"secret": ["s3cret"]}, name="internal")
         sock, port = tornado.testing.bind_unused_port()
-        http = tornado.httpserver.HTTPServer(make_app(server, tables=["stock_values"]))
+        http = tornado.httpserver.HTTPServer(make_app(None, history_server=server, tables=["stock_values"]))
         http.add_sockets([sock])
         owner, owner_socket, owner_reader, sent = await recording_viewer(port)
         view = await (await owner.open_table("stock_values")).view(columns=["close"])
@@ -194,7 +197,7 @@ def test_a_connection_cannot_touch_another_connection_view_or_an_unlisted_table(
         view_id = next(value for number, _, value in read_only.message_fields(make_view_body) if number == 1)
 
         intruder = await tornado.websocket.websocket_connect(tornado.httpclient.HTTPRequest(
-            f"ws://127.0.0.1:{port}/websocket", headers={"Origin": f"http://127.0.0.1:{port}"}))
+            f"ws://127.0.0.1:{port}/history", headers={"Origin": f"http://127.0.0.1:{port}"}))
         answers = {}
         for name, request in {
             "read the other view": raw_request(7, view_id, 24, b"\n\x00"),

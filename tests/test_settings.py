@@ -47,7 +47,7 @@ def test_producer_defaults():
 
 def test_server_defaults():
     settings, ch = perspective_server.parse_args([])
-    assert settings == ServerSettings(port=8080, bind="127.0.0.1", interval=0.1, limit=10_000,
+    assert settings == ServerSettings(port=8080, bind="127.0.0.1", interval=0.1, limit=30_000,
                                       overlap=3.0, table="stock_values", cursor="inserted_at", key="id")
     assert ch == ClickHouseSettings()
 
