@@ -61,6 +61,7 @@ import pyarrow.compute as pc
 
 import read_only
 from clickhouse_types import Column, map_columns, quote
+from history_expressions import Refused, expression_column, expression_columns
 
 log = logging.getLogger("history")
 
@@ -104,10 +105,6 @@ def limits_from_args(args, parser: argparse.ArgumentParser) -> Limits | None:
                      "--history-split-values must be more than 0")
     return Limits(args.history_timeout, args.history_max_rows, args.history_max_memory << 20,
                           args.history_split_values)
-
-
-class Refused(ValueError):
-    """A request the history server will not run; the message says why."""
 
 
 # ---------------------------------------------------------------------------
@@ -159,8 +156,9 @@ AGGREGATES_BY_TYPE = {
 
 
 def features() -> dict:
-    """What the viewer offers for history: everything above, no expressions."""
-    return {"group_by": True, "split_by": True, "sort": True, "expressions": False,
+    """What the viewer offers for history: everything above, and expressions
+    (the few that history_expressions computes in ClickHouse)."""
+    return {"group_by": True, "split_by": True, "sort": True, "expressions": True,
             "group_rollup_mode": ["rollup", "flat", "total"],
             "filter_ops": FILTER_OPS, "aggregates": AGGREGATES_BY_TYPE}
 
@@ -346,8 +344,6 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
             raise Refused(f"{what} {name!r} is not a column of this table")
         return name
 
-    if config.get("expressions"):
-        raise Refused("expressions are not available on history")
     chosen = [known(c, "column") for c in config.get("columns", []) if c is not None]
     group_by = [known(c, "group by") for c in config.get("group_by", [])]
     split_by = [known(c, "split by") for c in config.get("split_by", [])]
@@ -377,10 +373,11 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
 
 
 def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict,
-               split_values: list | None = None) -> ViewQuery:
+               split_values: list | None = None, params: Params | None = None) -> ViewQuery:
     """The SQL for a checked config. `split_values` (the chosen values of the
-    split-by column) is required when the config splits."""
-    params = Params()
+    split-by column) is required when the config splits; `params` holds those
+    the view's expression columns already bound."""
+    params = Params(params or {})
     where = where_sql(columns, config["filter"], config["filter_op"], params)
     chosen, group_by, split_by = config["columns"], config["group_by"], config["split_by"]
     mode = config["group_rollup_mode"]
@@ -441,7 +438,14 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
     for index, (name, direction) in enumerate(config["sort"]):
         items.append(f"{aggregate_sql(columns[name], aggregate_of[name], cursor_sql)} AS __s{index}")
         sorts.append((f"__s{index}", direction))
-    keys = [value_sql(columns[name]) for name in group_by]
+    keys = []
+    for name in group_by:
+        key = value_sql(columns[name])
+        # ROLLUP merges keys with the same SQL (`date`, and a bucket of it
+        # that keeps the date as it is): identity() keeps each level apart.
+        while key in keys:
+            key = f"identity({key})"
+        keys.append(key)
     key_items = ", ".join(f"{key} AS __r{i}" for i, key in enumerate(keys))
     grouped = (f"SELECT {depth_sql(keys)} AS __depth, {key_items}, {', '.join(items) or '1 AS __none'} "
                f"FROM {source}{where} GROUP BY ROLLUP({', '.join(keys)})")
@@ -519,11 +523,19 @@ class HistoryHandler:
 
     def table_make_view(self, table_name, view_name, config):
         self.made.add(view_name)  # the VirtualServer keeps it, even if it fails here
-        columns = self._table(table_name)
+        columns, params = self._table(table_name), Params()
+        columns = {**columns, **expression_columns(config.get("expressions"), columns, params)}
         config = checked_config(config, columns)
-        values = self.history.split_values(columns, config) if config["split_by"] else []
-        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, config, values)
+        values = self.history.split_values(columns, config, params) if config["split_by"] else []
+        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, config, values,
+                                           params)
         return view_name
+
+    def table_validate_expression(self, table_name, expression):
+        """The Perspective type of one expression. A Refused raised here is
+        the VirtualServer's answer for this expression alone: the viewer's
+        editor shows its one line under it."""
+        return expression_column("expression", expression, self._table(table_name), Params()).perspective_type
 
     def _view(self, view_name) -> ViewQuery:
         view = self.views.get(view_name)
@@ -718,11 +730,12 @@ class History:
             self._columns = {column.name: column for column in mapped}
         return self._columns
 
-    def split_values(self, columns: dict[str, Column], config: dict) -> list:
+    def split_values(self, columns: dict[str, Column], config: dict, params: Params | None = None) -> list:
         """The split-by values to show as columns: the `limits.split_values`
         most frequent, in Perspective's order (ascending, null first). The
-        others are left out, and the log says so."""
-        params = Params()
+        others are left out, and the log says so. `params` are those of the
+        view's expression columns."""
+        params = Params(params or {})
         where = where_sql(columns, config["filter"], config["filter_op"], params)
         sql = split_values_sql(self.table, columns[config["split_by"][0]], where, self.limits.split_values)
         values = [row[0] for row in self.client().query(

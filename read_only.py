@@ -274,68 +274,84 @@ class _Parser:
             raise RefusedExpression(f"expected {text!r}, found {self.peek()[1] or 'the end'!r}")
         self.at += 1
 
-    def nested(self, rule) -> None:
+    def nested(self, rule):
         # Parentheses and signs nest; a bound keeps Python's stack safe.
         self.depth += 1
         if self.depth > _MAX_NESTING:
             raise RefusedExpression("expression nested too deeply")
-        rule()
+        tree = rule()
         self.depth -= 1
+        return tree
 
-    def expression(self) -> None:
-        self.term()
+    # Each rule returns the tree of what it read, for a server that computes
+    # expressions itself (history): ("number" | "string" | "column", token
+    # text), ("sign", "+" | "-", tree), ("binary", operator, left, right),
+    # ("call", name, [argument trees]).
+
+    def expression(self):
+        tree = self.term()
         while self.peek()[1] in ("+", "-"):
+            operator = self.peek()[1]
             self.at += 1
-            self.term()
+            tree = ("binary", operator, tree, self.term())
+        return tree
 
-    def term(self) -> None:
-        self.factor()
+    def term(self):
+        tree = self.factor()
         while self.peek()[1] in ("*", "/"):
+            operator = self.peek()[1]
             self.at += 1
-            self.factor()
+            tree = ("binary", operator, tree, self.factor())
+        return tree
 
-    def factor(self) -> None:
+    def factor(self):
         kind, text = self.peek()
         self.at += 1
         if text in ("+", "-"):
-            self.nested(self.factor)
-        elif kind in ("number", "string", "column"):
-            return
-        elif text == "(":
-            self.nested(self.expression)
+            return ("sign", text, self.nested(self.factor))
+        if kind in ("number", "string", "column"):
+            return (kind, text)
+        if text == "(":
+            tree = self.nested(self.expression)
             self.take(")")
-        elif kind == "name":
-            self.call(text)
-        else:
-            raise RefusedExpression(f"unexpected {text or 'end of expression'!r}")
+            return tree
+        if kind == "name":
+            return self.call(text)
+        raise RefusedExpression(f"unexpected {text or 'end of expression'!r}")
 
-    def call(self, name: str) -> None:
+    def call(self, name: str):
         if name not in FUNCTIONS:
             raise RefusedExpression(f"{name} is not an allowed function ({', '.join(FUNCTIONS)})")
         self.take("(")
-        arguments = [self.at]
-        self.nested(self.expression)
+        arguments = [self.nested(self.expression)]
         while self.peek()[1] == ",":
             self.at += 1
-            arguments.append(self.at)
-            self.nested(self.expression)
+            arguments.append(self.nested(self.expression))
         self.take(")")
         if len(arguments) != FUNCTIONS[name]:
             raise RefusedExpression(f"{name}() takes {FUNCTIONS[name]} argument(s)")
         if name == "bucket":
-            kind, unit = self.tokens[arguments[1]]
+            kind, unit = arguments[1][:2]
             if kind == "string" and not _TIME_UNIT.fullmatch(unit):
                 raise RefusedExpression(f"bucket() unit {unit} is not a count and one of s m h D W M Y")
+        return ("call", name, arguments)
+
+
+def parse_expression(text: str, max_length: int):
+    """The tree of `text` (see _Parser); raises RefusedExpression unless it
+    is in the small language above."""
+    if len(text) > max_length:
+        raise RefusedExpression(f"expression longer than {max_length} characters")
+    parser = _Parser(_tokens(text))
+    tree = parser.expression()
+    if parser.at != len(parser.tokens):
+        raise RefusedExpression(f"unexpected {parser.peek()[1]!r}")
+    return tree
 
 
 def check_expression(text: str, max_length: int) -> None:
     """Raises RefusedExpression unless `text` is in the small language above."""
-    if len(text) > max_length:
-        raise RefusedExpression(f"expression longer than {max_length} characters")
-    parser = _Parser(_tokens(text))
-    parser.expression()
-    if parser.at != len(parser.tokens):
-        raise RefusedExpression(f"unexpected {parser.peek()[1]!r}")
+    parse_expression(text, max_length)
 
 
 def expressions_in(kind: int, body: bytes) -> list[str]:

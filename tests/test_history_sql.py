@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import history
+import history_expressions
 from clickhouse_types import column
 
 CLOSE = column("close", "Nullable(Float64)")
@@ -102,10 +103,75 @@ def test_names_from_a_client_must_be_columns_of_the_table():
     for bad in ({"columns": ['close" FROM system.users --']}, {"columns": ["close"], "group_by": ["`x`"]},
                 {"columns": ["close"], "sort": [["nope", "asc"]]},
                 {"columns": ["close"], "aggregates": {"close": "sum(1)"}},
-                {"columns": ["close"], "expressions": {"x": "1"}},
                 {"columns": ["close"], "split_by": ["ticker", "flag"]}):
         with pytest.raises(history.Refused):
             history.checked_config(bad, COLUMNS)
+
+
+def expression(text, columns=COLUMNS):
+    params = history.Params()
+    made = history_expressions.expression_column("b", text, columns, params)
+    return made.select, made.perspective_type, params
+
+
+def test_a_time_bucket_is_clickhouse_sql_with_its_step_bound():
+    ms = "toUnixTimestamp64Milli(toDateTime64(`timestamp`, 3, 'UTC'))"
+    assert expression('bucket("timestamp", \'5m\')') == (
+        f"fromUnixTimestamp64Milli({ms} - positiveModulo({ms}, {{p0:Int64}}), 'UTC') AS `b`", "datetime",
+        {"p0": 300_000})
+    assert expression('bucket("timestamp", \'h\')')[2] == {"p0": 3_600_000}
+    day = "toDate32(toDateTime64(`timestamp`, 3, 'UTC'))"
+    assert expression('bucket("timestamp", \'1D\')')[:2] == (f"{day} AS `b`", "date")
+    assert expression('bucket("timestamp", \'W\')')[0] == f"({day} - (toDayOfWeek({day}) - 1)) AS `b`"
+    assert expression('bucket("date", \'2M\')') == (
+        "makeDate32(toYear(toDate32(`date`)), intDiv(toMonth(toDate32(`date`)) - 1, {p0:UInt16}) * {p0:UInt16}"
+        " + 1, 1) AS `b`", "date", {"p0": 2})
+    assert expression('bucket("date", \'3Y\')')[0] == \
+        "makeDate32(intDiv(toYear(toDate32(`date`)), {p0:UInt16}) * {p0:UInt16}, 1, 1) AS `b`"
+    # Perspective: a date is its own second, minute and hour.
+    assert expression('bucket("date", \'10s\')')[:2] == ("toDate32(`date`) AS `b`", "date")
+
+
+def test_arithmetic_is_floating_point_with_every_number_bound():
+    sql, kind, params = expression('-"close" * 2.5 / ("close" - 1)')
+    assert (kind, params) == ("float", {"p0": 2.5, "p1": 1.0})
+    divisor = "(toFloat64(`close`) - {p1:Float64})"
+    assert sql == f"if({divisor} = 0, NULL, ((-toFloat64(`close`)) * {{p0:Float64}}) / {divisor}) AS `b`"
+    assert expression('"volume" + 1', {"volume": column("volume", "UInt32")})[0] == \
+        "(toFloat64(toInt64(`volume`)) + {p0:Float64}) AS `b`"
+    assert expression('-"close"')[:2] == ("(-toFloat64(`close`)) AS `b`", "float")
+
+
+@pytest.mark.parametrize("text", [
+    'bucket("timestamp", \'7m\')', 'bucket("timestamp", \'0Y\')', 'bucket("timestamp", \'1 m\')',
+    'bucket("close", \'1m\')', 'bucket("timestamp" + 1, \'1m\')', 'bucket("timestamp", "timestamp")',
+    '"ticker" + 1', 'bucket("timestamp", \'1m\') + 1', 'abs("close")', "'text'", '"nope" * 2',
+    '"canary.secret"', 'bucket("timestamp", \'1m\\\'); DROP TABLE canary --\')', '"close"; DROP TABLE canary',
+    '(SELECT secret FROM canary)', 'sleep(3)', "for (var i := 0; i < 9; i += 1) { 1 }", "while (true) { 1 }",
+    'var x := 1; x', '"close" := 1'])
+def test_anything_else_in_an_expression_is_refused_with_one_line(text):
+    with pytest.raises(history.Refused) as refused:
+        expression(text)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_expression_cannot_take_a_column_name_nor_refer_to_another_expression():
+    with pytest.raises(history.Refused, match="already a column"):
+        history_expressions.expression_column("close", '"close" * 2', COLUMNS, history.Params())
+    columns = {**COLUMNS, "b": history_expressions.expression_column("b", '"close" * 2', COLUMNS, history.Params())}
+    with pytest.raises(history.Refused, match="not a column"):
+        history_expressions.expression_column("c", '"b" + 1', columns, history.Params())
+
+
+def test_a_view_groups_by_a_bucket_with_the_buckets_parameters_first():
+    params = history.Params()
+    columns = {**COLUMNS, **history_expressions.expression_columns(
+        {"minute": 'bucket("timestamp", \'1m\')'}, COLUMNS, params)}
+    config = history.checked_config({"columns": ["close"], "group_by": ["minute"],
+                                     "filter": [["ticker", "==", "AAPL"]], "expressions": {}}, columns)
+    view = history.view_query("stock_values", columns, "inserted_at", config, params=params)
+    assert view.params == {"p0": 60_000, "p1": "AAPL"}
+    assert "GROUP BY ROLLUP(fromUnixTimestamp64Milli(" in view.sql and "AAPL" not in view.sql
 
 
 def test_a_view_is_one_select_with_no_ddl_and_pages_are_limit_offset():
