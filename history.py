@@ -559,7 +559,14 @@ class HistoryHandler:
     def view_get_data(self, view_name, config, schema, viewport, data):
         view = self._view(view_name)
         start, end = viewport.get("start_row") or 0, viewport.get("end_row")
-        rows = self.history.query(page_sql(view, start, end), view.params)
+        try:
+            rows = self.history.query(page_sql(view, start, end), view.params)
+        except Exception as error:
+            # A chart reads every row of its view: say what to change.
+            if "TOO_MANY_ROWS" in str(error):
+                raise Refused(f"this view has more than {self.history.limits.max_rows:,} rows "
+                              f"(--history-max-rows): choose a larger bucket, or filter") from None
+            raise
         if view.group_levels:
             depths = rows.column("__depth").to_pylist()
             for level in range(view.group_levels):

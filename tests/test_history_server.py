@@ -180,7 +180,15 @@ def test_a_query_over_a_limit_gets_an_error_and_the_server_keeps_working(server)
         assert rows >= 3_000_000
         # --history-max-rows 5000: all rows at once is over the limit ...
         error = await refused(view.to_columns())
-        assert "TOO_MANY_ROWS" in error or "Limit for result" in error, error
+        assert "more than 5,000 rows (--history-max-rows): choose a larger bucket" in error, error
+        # A chart reads all of its rows: a day of 1-second buckets is too many,
+        # with the same one-line hint; hourly buckets draw.
+        by_second = await table.view(columns=["close"], group_by=["b"], group_rollup_mode="flat",
+                                     expressions={"b": 'bucket("timestamp", \'1s\')'})
+        assert "choose a larger bucket" in await refused(by_second.to_columns())
+        hourly = await table.view(columns=["close"], group_by=["b"], group_rollup_mode="flat",
+                                  expressions={"b": 'bucket("timestamp", \'1h\')'})
+        assert 24 <= len((await hourly.to_columns())["close"]) <= 25
         # ... but a viewport, as the grid asks for, is fine; so is a pivot.
         page = await view.to_columns(start_row=0, end_row=50)
         assert len(page["close"]) == 50
