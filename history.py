@@ -62,6 +62,7 @@ import pyarrow.compute as pc
 import read_only
 from clickhouse_types import Column, map_columns, quote
 from history_expressions import Refused, expression_column, expression_columns
+from history_rollup import Rollup
 
 log = logging.getLogger("history")
 
@@ -243,8 +244,12 @@ def where_sql(columns: dict[str, Column], filters, reducer: str, params: Params)
     return " WHERE " + f" {'OR' if reducer == 'or' else 'AND'} ".join(f"({term})" for term in terms)
 
 
-def aggregate_sql(column: Column, aggregate: str, cursor: str, condition: str = "1") -> str:
-    """One aggregate over the rows that meet `condition`, as a SELECT item."""
+def aggregate_sql(column: Column, aggregate: str, cursor: str, condition: str = "1",
+                  rollup: Rollup | None = None) -> str:
+    """One aggregate over the rows that meet `condition`, as a SELECT item
+    (over the rollup's stored states, with `rollup`)."""
+    if rollup is not None:
+        return rollup.aggregate_sql(column, aggregate, condition)
     template, _ = AGGREGATES[aggregate]
     sql = template.format(x=value_sql(column), c=condition, t=cursor)
     if aggregate in _DEFINED_ON_NOTHING:
@@ -256,17 +261,20 @@ def aggregate_type(column: Column, aggregate: str) -> str:
     return AGGREGATES[aggregate][1] or column.perspective_type
 
 
-def split_cell_sql(column: Column, aggregate: str, cursor: str, condition: str) -> str:
+def split_cell_sql(column: Column, aggregate: str, cursor: str, condition: str,
+                   rollup: Rollup | None = None) -> str:
     """A split cell: the aggregate of the group's rows with this split value,
     NULL when the group has none (Perspective leaves that cell empty)."""
-    return f"if(countIf({condition}) = 0, NULL, {aggregate_sql(column, aggregate, cursor, condition)})"
+    rows = rollup.rows_sql(condition) if rollup else f"countIf({condition})"
+    return f"if({rows} = 0, NULL, {aggregate_sql(column, aggregate, cursor, condition, rollup)})"
 
 
-def split_values_sql(table: str, split: Column, where: str, limit: int) -> str:
+def split_values_sql(table: str, split: Column, where: str, limit: int, rows: str = "count()") -> str:
     """The split column's most frequent values (one more than the limit, so
-    the caller knows whether some were left out)."""
+    the caller knows whether some were left out). `rows` counts a group's
+    rows (in a rollup, the sum of its row counts)."""
     return (f"SELECT {value_sql(split)} AS v FROM {quote(table)}{where} "
-            f"GROUP BY v ORDER BY count() DESC, v ASC NULLS FIRST LIMIT {int(limit) + 1}")
+            f"GROUP BY v ORDER BY {rows} DESC, v ASC NULLS FIRST LIMIT {int(limit) + 1}")
 
 
 def split_condition(split: Column, value, params: Params) -> str:
@@ -372,19 +380,26 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
             "group_rollup_mode": mode}
 
 
+def aggregates_of(config: dict, columns: dict[str, Column]) -> dict[str, str]:
+    """Each column's aggregate: the config's, or the type's default."""
+    return {name: config["aggregates"].get(name) or default_aggregate(columns[name].perspective_type)
+            for name in columns}
+
+
 def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict,
-               split_values: list | None = None, params: Params | None = None) -> ViewQuery:
+               split_values: list | None = None, params: Params | None = None,
+               rollup: Rollup | None = None) -> ViewQuery:
     """The SQL for a checked config. `split_values` (the chosen values of the
     split-by column) is required when the config splits; `params` holds those
-    the view's expression columns already bound."""
+    the view's expression columns already bound. With `rollup` (one that
+    answers this config), the view reads it instead of the table."""
     params = Params(params or {})
     where = where_sql(columns, config["filter"], config["filter_op"], params)
     chosen, group_by, split_by = config["columns"], config["group_by"], config["split_by"]
     mode = config["group_rollup_mode"]
-    aggregate_of = {name: config["aggregates"].get(name) or default_aggregate(columns[name].perspective_type)
-                    for name in columns}
+    aggregate_of = aggregates_of(config, columns)
     cursor_sql = quote(cursor)
-    source = quote(table)
+    source = quote(rollup.table if rollup else table)
     # No group-by: each row shows its own values, not aggregates.
     per_row = not group_by and mode != "total"
 
@@ -395,8 +410,8 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
             value = value_sql(column)
             return (value if condition is None else f"if({condition}, {value}, NULL)"), column.perspective_type
         aggregate = aggregate_of[name]
-        sql = (aggregate_sql(column, aggregate, cursor_sql) if condition is None
-               else split_cell_sql(column, aggregate, cursor_sql, condition))
+        sql = (aggregate_sql(column, aggregate, cursor_sql, rollup=rollup) if condition is None
+               else split_cell_sql(column, aggregate, cursor_sql, condition, rollup))
         return sql, aggregate_type(column, aggregate)
 
     items, kinds, names, schema = [], {}, {}, {}
@@ -436,7 +451,7 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
     # Sorted aggregates ride along as hidden columns.
     sorts = []
     for index, (name, direction) in enumerate(config["sort"]):
-        items.append(f"{aggregate_sql(columns[name], aggregate_of[name], cursor_sql)} AS __s{index}")
+        items.append(f"{aggregate_sql(columns[name], aggregate_of[name], cursor_sql, rollup=rollup)} AS __s{index}")
         sorts.append((f"__s{index}", direction))
     keys = []
     for name in group_by:
@@ -523,12 +538,19 @@ class HistoryHandler:
 
     def table_make_view(self, table_name, view_name, config):
         self.made.add(view_name)  # the VirtualServer keeps it, even if it fails here
-        columns, params = self._table(table_name), Params()
-        columns = {**columns, **expression_columns(config.get("expressions"), columns, params)}
-        config = checked_config(config, columns)
-        values = self.history.split_values(columns, config, params) if config["split_by"] else []
-        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, config, values,
-                                           params)
+        table, params = self._table(table_name), Params()
+        columns = {**table, **expression_columns(config.get("expressions"), table, params)}
+        checked = checked_config(config, columns)
+        rollup = self.history.rollup()
+        if rollup is not None and rollup.answers(checked, columns, aggregates_of(checked, columns)):
+            # The same expressions, over the rollup's minutes.
+            params, stored = Params(), rollup.source_columns(table)
+            columns = {**stored, **expression_columns(config.get("expressions"), stored, params)}
+        else:
+            rollup = None
+        values = self.history.split_values(columns, checked, params, rollup) if checked["split_by"] else []
+        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, checked, values,
+                                           params, rollup)
         return view_name
 
     def table_validate_expression(self, table_name, expression):
@@ -689,9 +711,11 @@ class History:
     Pass it as `perspective_server` to viewers.ViewerHandler.
     """
 
-    def __init__(self, connect, table: str, cursor: str, hidden=(), limits: Limits = Limits()):
+    def __init__(self, connect, table: str, cursor: str, hidden=(), limits: Limits = Limits(),
+                 use_rollup: bool = True):
         self.connect = connect
         self.table = table
+        self._rollup: Rollup | None | bool = None if use_rollup else False  # False: looked, none
         self.cursor = cursor
         self.hidden = tuple(hidden)
         self.limits = limits
@@ -737,14 +761,33 @@ class History:
             self._columns = {column.name: column for column in mapped}
         return self._columns
 
-    def split_values(self, columns: dict[str, Column], config: dict, params: Params | None = None) -> list:
+    def rollup(self) -> Rollup | None:
+        """The table's per-minute rollup (`<table>_by_minute`, made by
+        producer.py), read once; None if there is none (or use_rollup is off)."""
+        if self._rollup is None:
+            names = [row[0] for row in self.client().query(
+                "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {table:String} "
+                "ORDER BY position", parameters={"table": f"{self.table}_by_minute"},
+                settings=self.limits.settings()).result_rows]
+            self._rollup = Rollup.from_columns(f"{self.table}_by_minute", names, self.columns()) or False
+            if self._rollup:
+                log.info("history reads %s for views by whole minutes", self._rollup.table)
+            else:
+                log.info("no rollup %s_by_minute: history reads every row of %s for each view (README, "
+                         "chapter 4, shows how to add one)", self.table, self.table)
+        return self._rollup or None
+
+    def split_values(self, columns: dict[str, Column], config: dict, params: Params | None = None,
+                     rollup: Rollup | None = None) -> list:
         """The split-by values to show as columns: the `limits.split_values`
         most frequent, in Perspective's order (ascending, null first). The
         others are left out, and the log says so. `params` are those of the
-        view's expression columns."""
+        view's expression columns; `rollup`, the rollup the view reads."""
         params = Params(params or {})
         where = where_sql(columns, config["filter"], config["filter_op"], params)
-        sql = split_values_sql(self.table, columns[config["split_by"][0]], where, self.limits.split_values)
+        split = columns[config["split_by"][0]]
+        sql = (split_values_sql(rollup.table, split, where, self.limits.split_values, rollup.rows_sql("1"))
+               if rollup else split_values_sql(self.table, split, where, self.limits.split_values))
         values = [row[0] for row in self.client().query(
             sql, parameters=params or None, settings=self.limits.settings()).result_rows]
         if len(values) > self.limits.split_values:
