@@ -343,6 +343,7 @@ class ViewQuery:
     names: dict[str, str]         # output alias -> column path the viewer sees
     schema: dict[str, str]        # view_schema for Perspective (see view_query)
     group_levels: int = 0         # len(group_by) when rows carry row paths
+    count_sql: str = ""           # its row count, when cheaper than counting `sql`
 
 
 def checked_config(config: dict, columns: dict[str, Column]) -> dict:
@@ -462,14 +463,24 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
             key = f"identity({key})"
         keys.append(key)
     key_items = ", ".join(f"{key} AS __r{i}" for i, key in enumerate(keys))
+    # Flat and unsorted (a chart): only the leaves, so no ROLLUP at all. A
+    # sorted flat view still needs its ancestors' values to order by.
+    leaves = mode == "flat" and not sorts
+    grouping = f"({', '.join(keys)})" if leaves else f"ROLLUP({', '.join(keys)})"
     grouped = (f"SELECT {depth_sql(keys)} AS __depth, {key_items}, {', '.join(items) or '1 AS __none'} "
-               f"FROM {source}{where} GROUP BY ROLLUP({', '.join(keys)})")
+               f"FROM {source}{where} GROUP BY {grouping}")
+    leaves_only = f" WHERE __depth = {len(keys)}" if mode == "flat" else ""
+    view.count_sql = f"SELECT count() FROM ({grouped}){leaves_only}"
     windows, order = tree_order_sql(len(keys), sorts)
+    view.group_levels = len(keys)
+    if leaves:
+        # Every row is a leaf: ordered by its keys, with nothing to filter.
+        order = [key for key in order if not key.startswith("__depth")]
+        view.sql = f"{grouped} ORDER BY {', '.join(order)}"
+        return view
     if windows:
         grouped = f"SELECT *, {', '.join(windows)} FROM ({grouped})"
-    leaves_only = f" WHERE __depth = {len(keys)}" if mode == "flat" else ""
     view.sql = f"SELECT * FROM ({grouped}){leaves_only} ORDER BY {', '.join(order)}"
-    view.group_levels = len(keys)
     return view
 
 
@@ -480,7 +491,7 @@ def page_sql(view: ViewQuery, start: int, end: int | None) -> str:
 
 
 def size_sql(view: ViewQuery) -> str:
-    return f"SELECT count() FROM ({view.sql})"
+    return view.count_sql or f"SELECT count() FROM ({view.sql})"
 
 
 # ---------------------------------------------------------------------------
@@ -541,13 +552,12 @@ class HistoryHandler:
         table, params = self._table(table_name), Params()
         columns = {**table, **expression_columns(config.get("expressions"), table, params)}
         checked = checked_config(config, columns)
-        rollup = self.history.rollup()
-        if rollup is not None and rollup.answers(checked, columns, aggregates_of(checked, columns)):
+        aggregate_of = aggregates_of(checked, columns)
+        rollup = next((r for r in self.history.rollups() if r.answers(checked, columns, aggregate_of)), None)
+        if rollup is not None:
             # The same expressions, over the rollup's minutes.
             params, stored = Params(), rollup.source_columns(table)
             columns = {**stored, **expression_columns(config.get("expressions"), stored, params)}
-        else:
-            rollup = None
         values = self.history.split_values(columns, checked, params, rollup) if checked["split_by"] else []
         self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, checked, values,
                                            params, rollup)
@@ -715,7 +725,7 @@ class History:
                  use_rollup: bool = True):
         self.connect = connect
         self.table = table
-        self._rollup: Rollup | None | bool = None if use_rollup else False  # False: looked, none
+        self._rollups: list[Rollup] | None = None if use_rollup else []
         self.cursor = cursor
         self.hidden = tuple(hidden)
         self.limits = limits
@@ -761,21 +771,26 @@ class History:
             self._columns = {column.name: column for column in mapped}
         return self._columns
 
-    def rollup(self) -> Rollup | None:
-        """The table's per-minute rollup (`<table>_by_minute`, made by
-        producer.py), read once; None if there is none (or use_rollup is off)."""
-        if self._rollup is None:
-            names = [row[0] for row in self.client().query(
-                "SELECT name FROM system.columns WHERE database = currentDatabase() AND table = {table:String} "
-                "ORDER BY position", parameters={"table": f"{self.table}_by_minute"},
-                settings=self.limits.settings()).result_rows]
-            self._rollup = Rollup.from_columns(f"{self.table}_by_minute", names, self.columns()) or False
-            if self._rollup:
-                log.info("history reads %s for views by whole minutes", self._rollup.table)
+    def rollups(self) -> list[Rollup]:
+        """The table's per-minute rollups (AggregatingMergeTree tables named
+        `<table>_by_...`, as producer.py makes), smallest first; read once."""
+        if self._rollups is None:
+            described = self.client().query(
+                "SELECT table, name FROM system.columns WHERE database = currentDatabase() AND table IN ("
+                "SELECT name FROM system.tables WHERE database = currentDatabase() AND "
+                "startsWith(name, {prefix:String}) AND engine LIKE '%AggregatingMergeTree') ORDER BY table, position",
+                parameters={"prefix": f"{self.table}_by_"}, settings=self.limits.settings()).result_rows
+            tables = collections.defaultdict(list)
+            for table, name in described:
+                tables[table].append(name)
+            found = [Rollup.from_columns(table, names, self.columns()) for table, names in tables.items()]
+            self._rollups = sorted((r for r in found if r), key=lambda r: (len(r.dimensions), r.table))
+            if self._rollups:
+                log.info("history reads %s for views by whole minutes", ", ".join(r.table for r in self._rollups))
             else:
-                log.info("no rollup %s_by_minute: history reads every row of %s for each view (README, "
+                log.info("no rollup %s_by_...: history reads every row of %s for each view (README, "
                          "chapter 4, shows how to add one)", self.table, self.table)
-        return self._rollup or None
+        return self._rollups
 
     def split_values(self, columns: dict[str, Column], config: dict, params: Params | None = None,
                      rollup: Rollup | None = None) -> list:

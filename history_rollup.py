@@ -26,20 +26,20 @@ MINUTE = "minute"    # the rollup's column: toStartOfMinute(timestamp)
 ROWS = "rows"        # the rollup's row count
 
 # Perspective aggregate -> the states it needs, and how to read them
-# ({first} is the `<column>__first` column, {c} the rows to take).
+# ({first} is the `<column>__first` column; {If}{c} keep only the rows that
+# meet a condition, and are left out when every row counts).
 _READS = {
-    "sum": (("sum",), "sumIf({sum}, {c})"),
-    "avg": (("sum",), "sumIf({sum}, {c}) / sumIf(`rows`, {c})"),
-    "mean": (("sum",), "sumIf({sum}, {c}) / sumIf(`rows`, {c})"),
-    "min": (("min",), "minIf({min}, {c})"),
-    "low": (("min",), "minIf({min}, {c})"),
-    "max": (("max",), "maxIf({max}, {c})"),
-    "high": (("max",), "maxIf({max}, {c})"),
-    "high minus low": (("min", "max"), "maxIf({max}, {c}) - minIf({min}, {c})"),
-    "first": (("first",), "argMinMergeIf({first}, {c})"),
-    "last": (("last",), "argMaxMergeIf({last}, {c})"),
+    "sum": (("sum",), "sum{If}({sum}{c})"),
+    "avg": (("sum",), "sum{If}({sum}{c}) / sum{If}(`rows`{c})"),
+    "mean": (("sum",), "sum{If}({sum}{c}) / sum{If}(`rows`{c})"),
+    "min": (("min",), "min{If}({min}{c})"),
+    "low": (("min",), "min{If}({min}{c})"),
+    "max": (("max",), "max{If}({max}{c})"),
+    "high": (("max",), "max{If}({max}{c})"),
+    "high minus low": (("min", "max"), "max{If}({max}{c}) - min{If}({min}{c})"),
+    "first": (("first",), "argMinMerge{If}({first}{c})"),
+    "last": (("last",), "argMaxMerge{If}({last}{c})"),
 }
-
 
 @dataclass(frozen=True)
 class Rollup:
@@ -95,7 +95,7 @@ class Rollup:
         return all((column.name, kind) in self.states for kind in _READS[aggregate][0])
 
     def rows_sql(self, condition: str) -> str:
-        return f"sumIf({quote(ROWS)}, {condition})"
+        return f"sum({quote(ROWS)})" if condition == "1" else f"sumIf({quote(ROWS)}, {condition})"
 
     def aggregate_sql(self, column: Column, aggregate: str, condition: str = "1") -> str:
         """One aggregate over the rollup rows that meet `condition`: null
@@ -104,4 +104,6 @@ class Rollup:
             return self.rows_sql(condition)
         _, template = _READS[aggregate]
         states = {kind: quote(f"{column.name}__{kind}") for kind in ("first", "last", "min", "max", "sum")}
-        return f"if({self.rows_sql(condition)} = 0, NULL, {template.format(c=condition, **states)})"
+        every = condition == "1"
+        sql = template.format(If="" if every else "If", c="" if every else f", {condition}", **states)
+        return f"if({self.rows_sql(condition)} = 0, NULL, {sql})"

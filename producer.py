@@ -72,8 +72,8 @@ SETTINGS non_replicated_deduplication_window = 1000
 """
 
 # History (chapter 4) charts the whole table by time bucket. Over 100 million
-# rows a scan per chart is seconds; this rollup keeps, per ticker, client and
-# minute, what a candle or a pivot needs: the row count and, per price, the
+# rows a scan per chart is seconds; a rollup keeps, per ticker (and client)
+# and minute, what a candle or a pivot needs: the row count and, per price, the
 # first/last (by `inserted_at`), min, max and sum, as aggregate states. A
 # materialized view fills it on every insert, and history.py reads it when a
 # view's buckets are whole minutes (README, chapter 4). Columns are named
@@ -92,8 +92,14 @@ _TYPES = {"open": ("Float64", "Float64"), "high": ("Float64", "Float64"), "low":
           "close": ("Float64", "Float64"), "volume": ("UInt32", "UInt64")}  # (type, type of its sum)
 
 
+# Two rollups: the smaller one (per ticker) for candles, the other (per
+# ticker and client) for pivots by client. History reads the smallest that
+# answers a view.
+ROLLUPS = {"by_minute": ("ticker",), "by_client_minute": ("ticker", "client")}
+
+
 def rollup_statements(table: str) -> list[str]:
-    """The rollup table `<table>_by_minute` and the materialized view that fills it."""
+    """Each rollup table `<table>_<name>` and the materialized view that fills it."""
     columns, states = [], []
     for name, aggregates in ROLLUP_MEASURES.items():
         kind, sum_kind = _TYPES[name]
@@ -101,16 +107,19 @@ def rollup_statements(table: str) -> list[str]:
             column_type, state = _STATES[aggregate]
             columns.append(f"    `{name}__{aggregate}` {column_type.format(t=kind, s=sum_kind)}")
             states.append(f"{state.format(x=name)} AS `{name}__{aggregate}`")
-    return [
-        f"CREATE TABLE IF NOT EXISTS `{table}_by_minute` (\n"
-        "    ticker LowCardinality(String),\n    client LowCardinality(String),\n"
-        "    minute DateTime('UTC'),\n    rows SimpleAggregateFunction(sum, UInt64),\n"
-        + ",\n".join(columns) + "\n) ENGINE = AggregatingMergeTree PARTITION BY toYYYYMM(minute) "
-        "ORDER BY (ticker, minute, client)",
-        f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{table}_by_minute_mv` TO `{table}_by_minute` AS "
-        f"SELECT ticker, client, toStartOfMinute(timestamp) AS minute, count() AS rows, {', '.join(states)} "
-        f"FROM `{table}` GROUP BY ticker, client, minute",
-    ]
+    statements = []
+    for name, keys in ROLLUPS.items():
+        statements += [
+            f"CREATE TABLE IF NOT EXISTS `{table}_{name}` (\n"
+            + "".join(f"    {key} LowCardinality(String),\n" for key in keys)
+            + "    minute DateTime('UTC'),\n    rows SimpleAggregateFunction(sum, UInt64),\n"
+            + ",\n".join(columns) + "\n) ENGINE = AggregatingMergeTree PARTITION BY toYYYYMM(minute) "
+            f"ORDER BY ({keys[0]}, minute{''.join(', ' + key for key in keys[1:])})",
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{table}_{name}_mv` TO `{table}_{name}` AS "
+            f"SELECT {', '.join(keys)}, toStartOfMinute(timestamp) AS minute, count() AS rows, {', '.join(states)} "
+            f"FROM `{table}` GROUP BY {', '.join(keys)}, minute",
+        ]
+    return statements
 
 
 @dataclass(frozen=True)

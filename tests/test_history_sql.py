@@ -7,6 +7,7 @@ import pytest
 
 import history
 import history_expressions
+import history_rollup
 from clickhouse_types import column
 
 CLOSE = column("close", "Nullable(Float64)")
@@ -182,8 +183,28 @@ def test_a_view_is_one_select_with_no_ddl_and_pages_are_limit_offset():
     assert "GROUP BY ROLLUP(toString(`ticker`))" in view.sql and "CREATE" not in view.sql
     assert view.params == {"p0": "X"}
     assert history.page_sql(view, 100, 150).endswith(" LIMIT 50 OFFSET 100")
-    assert history.size_sql(view) == f"SELECT count() FROM ({view.sql})"
+    # The count skips the ordering: the same groups, fewer steps.
+    size = history.size_sql(view)
+    assert size.startswith("SELECT count() FROM (SELECT ") and "GROUP BY ROLLUP" in size and "ORDER BY" not in size
     assert view.names == {"__c0": "close"} and view.kinds == {"__c0": "float"}
+
+
+def test_a_flat_unsorted_view_groups_without_rollup_and_a_sorted_one_keeps_its_ancestors():
+    flat = history.checked_config({"columns": ["close"], "group_by": ["ticker", "flag"],
+                                   "group_rollup_mode": "flat"}, COLUMNS)
+    view = history.view_query("stock_values", COLUMNS, "inserted_at", flat)
+    assert "GROUP BY (toString(`ticker`), `flag`)" in view.sql and "ROLLUP" not in view.sql
+    assert view.sql.endswith("GROUP BY (toString(`ticker`), `flag`) ORDER BY __r0 ASC NULLS FIRST, __r1 ASC NULLS FIRST")
+    flat["sort"] = [("close", "desc")]
+    assert "GROUP BY ROLLUP(" in history.view_query("stock_values", COLUMNS, "inserted_at", flat).sql
+
+
+def test_a_rollup_reads_plain_aggregates_over_every_row_and_if_forms_for_a_split():
+    rollup = history_rollup.Rollup("t_by_minute", frozenset({"ticker"}), frozenset({("close", "first")}))
+    assert rollup.aggregate_sql(CLOSE, "first") == "if(sum(`rows`) = 0, NULL, argMinMerge(`close__first`))"
+    assert rollup.aggregate_sql(CLOSE, "first", "c = 1") == \
+        "if(sumIf(`rows`, c = 1) = 0, NULL, argMinMergeIf(`close__first`, c = 1))"
+    assert rollup.aggregate_sql(CLOSE, "count", "c = 1") == "sumIf(`rows`, c = 1)"
 
 
 def test_grouping_marks_rolled_up_keys_on_the_real_engine(new_client):
