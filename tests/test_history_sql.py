@@ -222,6 +222,13 @@ def test_the_limits_are_enforced_by_clickhouse(new_client):
     with pytest.raises(Exception, match="READONLY|readonly"):
         client.query("CREATE TABLE t (x Int8) ENGINE = Memory", settings=limits.settings())
     assert client.query("SELECT count() FROM numbers(100)", settings=limits.settings()).result_rows == [(100,)]
+    # History sends them in the SQL itself: the same limits.
+    assert limits.clause() == (" SETTINGS readonly = 2, max_execution_time = 10.0, max_result_rows = 10, "
+                               "result_overflow_mode = 'throw', max_memory_usage = 2147483648")
+    with pytest.raises(Exception, match="TOO_MANY_ROWS|Limit for result"):
+        client.query("SELECT number FROM numbers(100)" + limits.clause())
+    with pytest.raises(Exception, match="READONLY|readonly"):
+        client.query("CREATE TABLE t (x Int8) ENGINE = Memory" + limits.clause())
 
 
 def _history_client(database, limits=history.Limits()):
@@ -278,3 +285,19 @@ def test_history_flags(capsys):
         perspective_server.parse_args(["--history-max-rows", "0"])
     assert exit_info.value.code == 2
     assert "--history-max-rows" in capsys.readouterr().err
+
+
+def test_a_query_over_a_limit_leaves_the_connection_usable(database):
+    import clickhouse_connect
+
+    def connect():
+        client = clickhouse_connect.get_client(dsn="chdb://memory")
+        client.database = database
+        return client
+
+    source = history.History(connect, "t", "inserted_at", limits=history.Limits(max_rows=10))
+    with pytest.raises(Exception, match="TOO_MANY_ROWS|Limit for result"):
+        source.query("SELECT number FROM numbers(100000)")
+    # The same thread, so the same connection: its next answer is whole.
+    assert source.count("SELECT count() FROM numbers(100000)") == 100000
+    source.close()
