@@ -41,6 +41,7 @@ _READS = {
     "last": (("last",), "argMaxMerge{If}({last}{c})"),
 }
 
+
 @dataclass(frozen=True)
 class Rollup:
     table: str

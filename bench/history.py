@@ -55,7 +55,8 @@ SELECT toDateTime64('2024-01-01 00:00:00', 6, 'UTC') + toIntervalMicrosecond(num
        generateUUIDv4(number), t, {TICKERS}[1 + number % 10],
        ['alice','bob','carol','dave','erin'][1 + intDiv(number, 7) % 5],
        p, greatest(p, c) + 0.05, least(p, c) - 0.05, c, toUInt32(number % 5000), toDate(t)
-FROM (SELECT number, toDateTime64('2024-01-01 00:00:00', 3, 'UTC') + toIntervalMicrosecond(number * {{step:UInt64}}) AS t,
+FROM (SELECT number,
+             toDateTime64('2024-01-01 00:00:00', 3, 'UTC') + toIntervalMicrosecond(number * {{step:UInt64}}) AS t,
              100 + number % 10 * 20 + 8 * sin(number / 3e6) + 3 * sin(number / 2e5) AS wave,
              wave + (number % 7 - 3) / 50 AS p, wave + (number % 11 - 5) / 50 AS c
       FROM numbers({{rows:UInt64}}))

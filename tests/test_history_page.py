@@ -67,7 +67,8 @@ def history_cells(page) -> int:
 def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # noqa: F811
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    server = Program("perspective_server.py", ["--port", str(port), "--limit", str(LIMIT), "--history-max-rows", "2000"], clickhouse.env,
+    server = Program("perspective_server.py",
+                     ["--port", str(port), "--limit", str(LIMIT), "--history-max-rows", "2000"], clickhouse.env,
                      tmp_path / "server.log")
     producer = Program("producer.py", [], clickhouse.env, tmp_path / "producer.log")
     programs = [server, producer]
@@ -102,7 +103,8 @@ def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # 
             drawn = browser.view_columns(page, "minute_candles")
             minutes = [path[0] for path in drawn["__ROW_PATH__"]]
             assert len(minutes) >= 170 and max(minutes) - min(minutes) >= 170 * 60_000, len(minutes)
-            assert all(later - earlier >= 60_000 and later % 60_000 == 0 for earlier, later in zip(minutes, minutes[1:]))
+            assert all(later - earlier >= 60_000 and later % 60_000 == 0
+                       for earlier, later in zip(minutes, minutes[1:]))
             chart = browser.chart_drawn(page, "minute_candles")
             assert chart["plugin"] == "perspective-viewer-d3fc-candlestick" and chart["shapes"] + chart["canvases"] > 0
             # A time axis: its ticks are clock times, not row numbers or prices.

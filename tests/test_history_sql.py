@@ -194,7 +194,8 @@ def test_a_flat_unsorted_view_groups_without_rollup_and_a_sorted_one_keeps_its_a
                                    "group_rollup_mode": "flat"}, COLUMNS)
     view = history.view_query("stock_values", COLUMNS, "inserted_at", flat)
     assert "GROUP BY (toString(`ticker`), `flag`)" in view.sql and "ROLLUP" not in view.sql
-    assert view.sql.endswith("GROUP BY (toString(`ticker`), `flag`) ORDER BY __r0 ASC NULLS FIRST, __r1 ASC NULLS FIRST")
+    assert view.sql.endswith("GROUP BY (toString(`ticker`), `flag`) "
+                             "ORDER BY __r0 ASC NULLS FIRST, __r1 ASC NULLS FIRST")
     flat["sort"] = [("close", "desc")]
     assert "GROUP BY ROLLUP(" in history.view_query("stock_values", COLUMNS, "inserted_at", flat).sql
 
