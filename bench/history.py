@@ -21,7 +21,7 @@ The client speaks Perspective's protocol to the VirtualServer in process,
 byte for byte as over the websocket, without the network.
 
     python bench/history.py                # 100M rows: about 10 minutes
-    python bench/history.py --smoke        # 200k rows, seconds: only shows it runs
+    python bench/history.py --smoke        # 50k rows, seconds: only shows it runs
     python bench/history.py --json out.json
 """
 
@@ -167,11 +167,11 @@ def main(argv=None) -> int:
                         help="newest rows loaded into a Perspective table for comparison (default 5M: about "
                              "3.5 GB of RSS; 100M would not fit); 0 skips it")
     parser.add_argument("--folder", default=None, help="where chDB keeps the rows (default: a temporary folder)")
-    parser.add_argument("--smoke", action="store_true", help="200k rows, 3 s session: shows that it runs")
+    parser.add_argument("--smoke", action="store_true", help="50k rows, 1 s session: shows that it runs")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.rows, args.days, args.session_seconds, args.repeat, args.perspective_rows = 200_000, 2, 3, 1, 200_000
+        args.rows, args.days, args.session_seconds, args.repeat, args.perspective_rows = 50_000, 2, 1, 1, 20_000
 
     folder = Path(tempfile.mkdtemp(prefix="history-bench-", dir=args.folder))
     dsn = f"chdb:///{folder}"
