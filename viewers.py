@@ -70,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The --max-* flags of perspective_server.py, one per numeric ViewerLimits field.
 
     `expressions` has no flag: the expression check stays on for the live
-    table; a route whose server computes no expressions (history) may turn it off.
+    table and for history (which computes them in ClickHouse); a route whose
+    server computes no expressions may turn it off.
     """
     defaults = ViewerLimits()
     group = parser.add_argument_group("limits per viewer (each refusal is logged and answered with an error)")
