@@ -34,8 +34,12 @@ ClickHouse's own limits (readonly, time, result rows, memory); a query that
 breaks one gets an error in the viewer and costs nothing else.
 
 Only names of the table's columns are accepted from a client, and they are
-quoted; expressions (the viewer's computed columns) are off, because they
-would be SQL from the browser.
+quoted. The viewer's computed columns never reach ClickHouse as text:
+history_expressions.py builds SQL for the few it knows (time buckets and
+arithmetic) from the gate's parse of them, and they then group, split,
+filter and sort like any column. A view by whole-minute buckets, ticker and
+client reads a per-minute rollup instead of the table when one exists
+(history_rollup.py), with the same answers.
 
 What Perspective cannot show (Array, Map, ...) is left out, as in the live
 view. Known differences from Perspective's own engine are listed in the
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import logging
 import math
 import re
@@ -61,6 +66,8 @@ import pyarrow.compute as pc
 
 import read_only
 from clickhouse_types import Column, map_columns, quote
+from history_expressions import Refused, expression_column, expression_columns
+from history_rollup import Rollup
 
 log = logging.getLogger("history")
 
@@ -79,6 +86,13 @@ class Limits:
         # with the query (readonly=1 would refuse the limits below).
         return {"readonly": 2, "max_execution_time": self.timeout, "max_result_rows": self.max_rows,
                 "result_overflow_mode": "throw", "max_memory_usage": self.max_memory}
+
+    def clause(self) -> str:
+        """The same settings as the query's own SETTINGS clause. Passed beside
+        the query, chDB's client applies each with SET and restores it after:
+        ten more engine calls, about 6 ms per query; in the SQL, none."""
+        return " SETTINGS " + ", ".join(f"{name} = {value!r}" if isinstance(value, str) else f"{name} = {value}"
+                                        for name, value in self.settings().items())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +118,6 @@ def limits_from_args(args, parser: argparse.ArgumentParser) -> Limits | None:
                      "--history-split-values must be more than 0")
     return Limits(args.history_timeout, args.history_max_rows, args.history_max_memory << 20,
                           args.history_split_values)
-
-
-class Refused(ValueError):
-    """A request the history server will not run; the message says why."""
 
 
 # ---------------------------------------------------------------------------
@@ -159,8 +169,9 @@ AGGREGATES_BY_TYPE = {
 
 
 def features() -> dict:
-    """What the viewer offers for history: everything above, no expressions."""
-    return {"group_by": True, "split_by": True, "sort": True, "expressions": False,
+    """What the viewer offers for history: everything above, and expressions
+    (the few that history_expressions computes in ClickHouse)."""
+    return {"group_by": True, "split_by": True, "sort": True, "expressions": True,
             "group_rollup_mode": ["rollup", "flat", "total"],
             "filter_ops": FILTER_OPS, "aggregates": AGGREGATES_BY_TYPE}
 
@@ -245,8 +256,12 @@ def where_sql(columns: dict[str, Column], filters, reducer: str, params: Params)
     return " WHERE " + f" {'OR' if reducer == 'or' else 'AND'} ".join(f"({term})" for term in terms)
 
 
-def aggregate_sql(column: Column, aggregate: str, cursor: str, condition: str = "1") -> str:
-    """One aggregate over the rows that meet `condition`, as a SELECT item."""
+def aggregate_sql(column: Column, aggregate: str, cursor: str, condition: str = "1",
+                  rollup: Rollup | None = None) -> str:
+    """One aggregate over the rows that meet `condition`, as a SELECT item
+    (over the rollup's stored states, with `rollup`)."""
+    if rollup is not None:
+        return rollup.aggregate_sql(column, aggregate, condition)
     template, _ = AGGREGATES[aggregate]
     sql = template.format(x=value_sql(column), c=condition, t=cursor)
     if aggregate in _DEFINED_ON_NOTHING:
@@ -258,17 +273,20 @@ def aggregate_type(column: Column, aggregate: str) -> str:
     return AGGREGATES[aggregate][1] or column.perspective_type
 
 
-def split_cell_sql(column: Column, aggregate: str, cursor: str, condition: str) -> str:
+def split_cell_sql(column: Column, aggregate: str, cursor: str, condition: str,
+                   rollup: Rollup | None = None) -> str:
     """A split cell: the aggregate of the group's rows with this split value,
     NULL when the group has none (Perspective leaves that cell empty)."""
-    return f"if(countIf({condition}) = 0, NULL, {aggregate_sql(column, aggregate, cursor, condition)})"
+    rows = rollup.rows_sql(condition) if rollup else f"countIf({condition})"
+    return f"if({rows} = 0, NULL, {aggregate_sql(column, aggregate, cursor, condition, rollup)})"
 
 
-def split_values_sql(table: str, split: Column, where: str, limit: int) -> str:
+def split_values_sql(table: str, split: Column, where: str, limit: int, rows: str = "count()") -> str:
     """The split column's most frequent values (one more than the limit, so
-    the caller knows whether some were left out)."""
+    the caller knows whether some were left out). `rows` counts a group's
+    rows (in a rollup, the sum of its row counts)."""
     return (f"SELECT {value_sql(split)} AS v FROM {quote(table)}{where} "
-            f"GROUP BY v ORDER BY count() DESC, v ASC NULLS FIRST LIMIT {int(limit) + 1}")
+            f"GROUP BY v ORDER BY {rows} DESC, v ASC NULLS FIRST LIMIT {int(limit) + 1}")
 
 
 def split_condition(split: Column, value, params: Params) -> str:
@@ -337,6 +355,7 @@ class ViewQuery:
     names: dict[str, str]         # output alias -> column path the viewer sees
     schema: dict[str, str]        # view_schema for Perspective (see view_query)
     group_levels: int = 0         # len(group_by) when rows carry row paths
+    count_sql: str = ""           # its row count, when cheaper than counting `sql`
 
 
 def checked_config(config: dict, columns: dict[str, Column]) -> dict:
@@ -346,8 +365,6 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
             raise Refused(f"{what} {name!r} is not a column of this table")
         return name
 
-    if config.get("expressions"):
-        raise Refused("expressions are not available on history")
     chosen = [known(c, "column") for c in config.get("columns", []) if c is not None]
     group_by = [known(c, "group by") for c in config.get("group_by", [])]
     split_by = [known(c, "split by") for c in config.get("split_by", [])]
@@ -376,18 +393,26 @@ def checked_config(config: dict, columns: dict[str, Column]) -> dict:
             "group_rollup_mode": mode}
 
 
+def aggregates_of(config: dict, columns: dict[str, Column]) -> dict[str, str]:
+    """Each column's aggregate: the config's, or the type's default."""
+    return {name: config["aggregates"].get(name) or default_aggregate(columns[name].perspective_type)
+            for name in columns}
+
+
 def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict,
-               split_values: list | None = None) -> ViewQuery:
+               split_values: list | None = None, params: Params | None = None,
+               rollup: Rollup | None = None) -> ViewQuery:
     """The SQL for a checked config. `split_values` (the chosen values of the
-    split-by column) is required when the config splits."""
-    params = Params()
+    split-by column) is required when the config splits; `params` holds those
+    the view's expression columns already bound. With `rollup` (one that
+    answers this config), the view reads it instead of the table."""
+    params = Params(params or {})
     where = where_sql(columns, config["filter"], config["filter_op"], params)
     chosen, group_by, split_by = config["columns"], config["group_by"], config["split_by"]
     mode = config["group_rollup_mode"]
-    aggregate_of = {name: config["aggregates"].get(name) or default_aggregate(columns[name].perspective_type)
-                    for name in columns}
+    aggregate_of = aggregates_of(config, columns)
     cursor_sql = quote(cursor)
-    source = quote(table)
+    source = quote(rollup.table if rollup else table)
     # No group-by: each row shows its own values, not aggregates.
     per_row = not group_by and mode != "total"
 
@@ -398,8 +423,8 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
             value = value_sql(column)
             return (value if condition is None else f"if({condition}, {value}, NULL)"), column.perspective_type
         aggregate = aggregate_of[name]
-        sql = (aggregate_sql(column, aggregate, cursor_sql) if condition is None
-               else split_cell_sql(column, aggregate, cursor_sql, condition))
+        sql = (aggregate_sql(column, aggregate, cursor_sql, rollup=rollup) if condition is None
+               else split_cell_sql(column, aggregate, cursor_sql, condition, rollup))
         return sql, aggregate_type(column, aggregate)
 
     items, kinds, names, schema = [], {}, {}, {}
@@ -439,18 +464,37 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
     # Sorted aggregates ride along as hidden columns.
     sorts = []
     for index, (name, direction) in enumerate(config["sort"]):
-        items.append(f"{aggregate_sql(columns[name], aggregate_of[name], cursor_sql)} AS __s{index}")
+        items.append(f"{aggregate_sql(columns[name], aggregate_of[name], cursor_sql, rollup=rollup)} AS __s{index}")
         sorts.append((f"__s{index}", direction))
-    keys = [value_sql(columns[name]) for name in group_by]
+    keys = []
+    for name in group_by:
+        key = value_sql(columns[name])
+        # ROLLUP merges keys with the same SQL (`date`, and a bucket of it
+        # that keeps the date as it is): identity() keeps each level apart.
+        while key in keys:
+            key = f"identity({key})"
+        keys.append(key)
     key_items = ", ".join(f"{key} AS __r{i}" for i, key in enumerate(keys))
+    # Flat and unsorted (a chart): only the leaves, so no ROLLUP at all. A
+    # sorted flat view still needs its ancestors' values to order by.
+    leaves = mode == "flat" and not sorts
+    grouping = f"({', '.join(keys)})" if leaves else f"ROLLUP({', '.join(keys)})"
     grouped = (f"SELECT {depth_sql(keys)} AS __depth, {key_items}, {', '.join(items) or '1 AS __none'} "
-               f"FROM {source}{where} GROUP BY ROLLUP({', '.join(keys)})")
+               f"FROM {source}{where} GROUP BY {grouping}")
+    leaves_only = f" WHERE __depth = {len(keys)}" if mode == "flat" else ""
+    # Counting groups needs their keys, not their aggregates.
+    view.count_sql = (f"SELECT count() FROM (SELECT {depth_sql(keys)} AS __depth FROM {source}{where} "
+                      f"GROUP BY {grouping}){leaves_only}")
     windows, order = tree_order_sql(len(keys), sorts)
+    view.group_levels = len(keys)
+    if leaves:
+        # Every row is a leaf: ordered by its keys, with nothing to filter.
+        order = [key for key in order if not key.startswith("__depth")]
+        view.sql = f"{grouped} ORDER BY {', '.join(order)}"
+        return view
     if windows:
         grouped = f"SELECT *, {', '.join(windows)} FROM ({grouped})"
-    leaves_only = f" WHERE __depth = {len(keys)}" if mode == "flat" else ""
     view.sql = f"SELECT * FROM ({grouped}){leaves_only} ORDER BY {', '.join(order)}"
-    view.group_levels = len(keys)
     return view
 
 
@@ -461,7 +505,7 @@ def page_sql(view: ViewQuery, start: int, end: int | None) -> str:
 
 
 def size_sql(view: ViewQuery) -> str:
-    return f"SELECT count() FROM ({view.sql})"
+    return view.count_sql or f"SELECT count() FROM ({view.sql})"
 
 
 # ---------------------------------------------------------------------------
@@ -519,11 +563,25 @@ class HistoryHandler:
 
     def table_make_view(self, table_name, view_name, config):
         self.made.add(view_name)  # the VirtualServer keeps it, even if it fails here
-        columns = self._table(table_name)
-        config = checked_config(config, columns)
-        values = self.history.split_values(columns, config) if config["split_by"] else []
-        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, config, values)
+        table, params = self._table(table_name), Params()
+        columns = {**table, **expression_columns(config.get("expressions"), table, params)}
+        checked = checked_config(config, columns)
+        aggregate_of = aggregates_of(checked, columns)
+        rollup = next((r for r in self.history.rollups() if r.answers(checked, columns, aggregate_of)), None)
+        if rollup is not None:
+            # The same expressions, over the rollup's minutes.
+            params, stored = Params(), rollup.source_columns(table)
+            columns = {**stored, **expression_columns(config.get("expressions"), stored, params)}
+        values = self.history.split_values(columns, checked, params, rollup) if checked["split_by"] else []
+        self.views[view_name] = view_query(self.history.table, columns, self.history.cursor, checked, values,
+                                           params, rollup)
         return view_name
+
+    def table_validate_expression(self, table_name, expression):
+        """The Perspective type of one expression. A Refused raised here is
+        the VirtualServer's answer for this expression alone: the viewer's
+        editor shows its one line under it."""
+        return expression_column("expression", expression, self._table(table_name), Params()).perspective_type
 
     def _view(self, view_name) -> ViewQuery:
         view = self.views.get(view_name)
@@ -547,7 +605,14 @@ class HistoryHandler:
     def view_get_data(self, view_name, config, schema, viewport, data):
         view = self._view(view_name)
         start, end = viewport.get("start_row") or 0, viewport.get("end_row")
-        rows = self.history.query(page_sql(view, start, end), view.params)
+        try:
+            rows = self.history.query(page_sql(view, start, end), view.params)
+        except Exception as error:
+            # A chart reads every row of its view: say what to change.
+            if "TOO_MANY_ROWS" in str(error):
+                raise Refused(f"this view has more than {self.history.limits.max_rows:,} rows "
+                              f"(--history-max-rows): choose a larger bucket, or filter") from None
+            raise
         if view.group_levels:
             depths = rows.column("__depth").to_pylist()
             for level in range(view.group_levels):
@@ -670,9 +735,11 @@ class History:
     Pass it as `perspective_server` to viewers.ViewerHandler.
     """
 
-    def __init__(self, connect, table: str, cursor: str, hidden=(), limits: Limits = Limits()):
+    def __init__(self, connect, table: str, cursor: str, hidden=(), limits: Limits = Limits(),
+                 use_rollup: bool = True):
         self.connect = connect
         self.table = table
+        self._rollups: list[Rollup] | None = None if use_rollup else []
         self.cursor = cursor
         self.hidden = tuple(hidden)
         self.limits = limits
@@ -693,9 +760,22 @@ class History:
                 self._clients.append(client)
         return client
 
-    def query(self, sql: str, params: dict | None = None):
-        """Runs one history query with the limits; returns an Arrow table."""
-        return self.client().query_arrow(sql, parameters=params or None, settings=self.limits.settings())
+    def query(self, sql: str, params: dict | None = None, arrow: bool = True):
+        """Runs one history query with the limits; returns an Arrow table
+        (or, with arrow=False, clickhouse-connect's result)."""
+        client = self.client()
+        try:
+            if arrow:
+                return client.query_arrow(sql + self.limits.clause(), parameters=params or None)
+            return client.query(sql + self.limits.clause(), parameters=params or None)
+        except Exception:
+            # chDB in-process: after a query fails part way through its
+            # result, the next query on that connection reads the rest and
+            # fails too. A throwaway query takes that (over HTTP it is only
+            # a cheap query).
+            with contextlib.suppress(Exception):
+                client.command("SELECT 1")
+            raise
 
     def count(self, sql: str, params: dict | None = None) -> int:
         return int(self.query(sql, params).column(0)[0].as_py())
@@ -718,15 +798,39 @@ class History:
             self._columns = {column.name: column for column in mapped}
         return self._columns
 
-    def split_values(self, columns: dict[str, Column], config: dict) -> list:
+    def rollups(self) -> list[Rollup]:
+        """The table's per-minute rollups (AggregatingMergeTree tables named
+        `<table>_by_...`, as producer.py makes), smallest first; read once."""
+        if self._rollups is None:
+            described = self.client().query(
+                "SELECT table, name FROM system.columns WHERE database = currentDatabase() AND table IN ("
+                "SELECT name FROM system.tables WHERE database = currentDatabase() AND "
+                "startsWith(name, {prefix:String}) AND engine LIKE '%AggregatingMergeTree') ORDER BY table, position",
+                parameters={"prefix": f"{self.table}_by_"}, settings=self.limits.settings()).result_rows
+            tables = collections.defaultdict(list)
+            for table, name in described:
+                tables[table].append(name)
+            found = [Rollup.from_columns(table, names, self.columns()) for table, names in tables.items()]
+            self._rollups = sorted((r for r in found if r), key=lambda r: (len(r.dimensions), r.table))
+            if self._rollups:
+                log.info("history reads %s for views by whole minutes", ", ".join(r.table for r in self._rollups))
+            else:
+                log.info("no rollup %s_by_...: history reads every row of %s for each view (README, "
+                         "chapter 4, shows how to add one)", self.table, self.table)
+        return self._rollups
+
+    def split_values(self, columns: dict[str, Column], config: dict, params: Params | None = None,
+                     rollup: Rollup | None = None) -> list:
         """The split-by values to show as columns: the `limits.split_values`
         most frequent, in Perspective's order (ascending, null first). The
-        others are left out, and the log says so."""
-        params = Params()
+        others are left out, and the log says so. `params` are those of the
+        view's expression columns; `rollup`, the rollup the view reads."""
+        params = Params(params or {})
         where = where_sql(columns, config["filter"], config["filter_op"], params)
-        sql = split_values_sql(self.table, columns[config["split_by"][0]], where, self.limits.split_values)
-        values = [row[0] for row in self.client().query(
-            sql, parameters=params or None, settings=self.limits.settings()).result_rows]
+        split = columns[config["split_by"][0]]
+        sql = (split_values_sql(rollup.table, split, where, self.limits.split_values, rollup.rows_sql("1"))
+               if rollup else split_values_sql(self.table, split, where, self.limits.split_values))
+        values = [row[0] for row in self.query(sql, params, arrow=False).result_rows]
         if len(values) > self.limits.split_values:
             values = values[:self.limits.split_values]
             log.info("split by %s: showing the %d most frequent values; the rest are left out",

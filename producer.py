@@ -71,6 +71,56 @@ ORDER BY (inserted_at, id)
 SETTINGS non_replicated_deduplication_window = 1000
 """
 
+# History (chapter 4) charts the whole table by time bucket. Over 100 million
+# rows a scan per chart is seconds; a rollup keeps, per ticker (and client)
+# and minute, what a candle or a pivot needs: the row count and, per price, the
+# first/last (by `inserted_at`), min, max and sum, as aggregate states. A
+# materialized view fills it on every insert, and history.py reads it when a
+# view's buckets are whole minutes (README, chapter 4). Columns are named
+# `<column>__<aggregate>`: history_rollup.py finds them by that name.
+ROLLUP_MEASURES = {"open": ("first", "last", "min", "max", "sum"), "high": ("first", "last", "min", "max", "sum"),
+                   "low": ("first", "last", "min", "max", "sum"), "close": ("first", "last", "min", "max", "sum"),
+                   "volume": ("min", "max", "sum")}
+_STATES = {  # aggregate -> (column type, state function) for a column of type {t}
+    "first": ("AggregateFunction(argMin, {t}, DateTime64(6, 'UTC'))", "argMinState({x}, inserted_at)"),
+    "last": ("AggregateFunction(argMax, {t}, DateTime64(6, 'UTC'))", "argMaxState({x}, inserted_at)"),
+    "min": ("SimpleAggregateFunction(min, {t})", "min({x})"),
+    "max": ("SimpleAggregateFunction(max, {t})", "max({x})"),
+    "sum": ("SimpleAggregateFunction(sum, {s})", "sum({x})"),
+}
+_TYPES = {"open": ("Float64", "Float64"), "high": ("Float64", "Float64"), "low": ("Float64", "Float64"),
+          "close": ("Float64", "Float64"), "volume": ("UInt32", "UInt64")}  # (type, type of its sum)
+
+
+# Two rollups: the smaller one (per ticker) for candles, the other (per
+# ticker and client) for pivots by client. History reads the smallest that
+# answers a view.
+ROLLUPS = {"by_minute": ("ticker",), "by_client_minute": ("ticker", "client")}
+
+
+def rollup_statements(table: str) -> list[str]:
+    """Each rollup table `<table>_<name>` and the materialized view that fills it."""
+    columns, states = [], []
+    for name, aggregates in ROLLUP_MEASURES.items():
+        kind, sum_kind = _TYPES[name]
+        for aggregate in aggregates:
+            column_type, state = _STATES[aggregate]
+            columns.append(f"    `{name}__{aggregate}` {column_type.format(t=kind, s=sum_kind)}")
+            states.append(f"{state.format(x=name)} AS `{name}__{aggregate}`")
+    statements = []
+    for name, keys in ROLLUPS.items():
+        statements += [
+            f"CREATE TABLE IF NOT EXISTS `{table}_{name}` (\n"
+            + "".join(f"    {key} LowCardinality(String),\n" for key in keys)
+            + "    minute DateTime('UTC'),\n    rows SimpleAggregateFunction(sum, UInt64),\n"
+            + ",\n".join(columns) + "\n) ENGINE = AggregatingMergeTree PARTITION BY toYYYYMM(minute) "
+            f"ORDER BY ({keys[0]}, minute{''.join(', ' + key for key in keys[1:])})",
+            f"CREATE MATERIALIZED VIEW IF NOT EXISTS `{table}_{name}_mv` TO `{table}_{name}` AS "
+            f"SELECT {', '.join(keys)}, toStartOfMinute(timestamp) AS minute, count() AS rows, {', '.join(states)} "
+            f"FROM `{table}` GROUP BY {', '.join(keys)}, minute",
+        ]
+    return statements
+
 
 @dataclass(frozen=True)
 class ProducerSettings:
@@ -122,7 +172,14 @@ class Market:
 
 
 def create_table(client: Client, table: str = connection.TABLE) -> None:
+    """The table, and with a new table its rollup for history. A table made
+    before the rollup existed keeps working without one (history is then
+    slower); README chapter 4 shows how to add it to a table with rows."""
+    new = not client.command(f"EXISTS TABLE `{table}`")
     client.command(CREATE_TABLE.format(table=table))
+    if new:
+        for statement in rollup_statements(table):
+            client.command(statement)
 
 
 @dataclass

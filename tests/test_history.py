@@ -5,7 +5,9 @@ The main test is differential: the same few thousand rows go into ClickHouse
 configs, the view that history.py computes in ClickHouse, read through a real
 perspective.Client speaking Perspective's protocol to the VirtualServer, must
 hold the same cells as Perspective's own view: integers and strings exactly,
-floats within 1e-9 relative.
+floats within 1e-9 relative. Some configs carry computed columns (a time
+bucket of every unit over datetime and date columns, or arithmetic), which
+they group, split, filter and sort by like any column.
 
 One difference is by design and is compared differently: `first` and `last`
 are the earliest and latest row by the cursor column. On a leaf row, or in a
@@ -36,6 +38,11 @@ NULL_SENSITIVE = {"min", "max", "low", "high", "high minus low"}
 NEVER_NULL = {"open", "volume", "small", "ticker", "inserted_at", "id"}
 GROUPABLE = ["ticker", "client", "flag", "date", "small", "note", "timestamp"]
 SPLITTABLE = ["ticker", "client", "flag", "date", "note"]
+# Computed columns history builds in ClickHouse: time buckets of each unit
+# over datetime and date columns, and arithmetic.
+BUCKETED = ["timestamp", "inserted_at", "date"]
+UNITS = ["10s", "1m", "5m", "1h", "1D", "1W", "2M", "1Y", "s", "30s", "15m", "M"]
+ARITHMETIC = ['"close" * "volume"', '"open" - "small" / 2', '-"shares"', '"volume" / "small"', '("open" + 1) * -2.5']
 
 
 @pytest.fixture(scope="module")
@@ -68,26 +75,49 @@ def both(tmp_path_factory):
     del local_server
 
 
-def filter_value(rng, column, values):
+def filter_value(rng, values):
     present = [v for v in values if v is not None]
     return rng.choice(present) if present else None
 
 
-def random_config(rng: random.Random, columns, samples) -> dict:
-    names = [n for n in columns if n != "id"]
+def random_expressions(rng: random.Random) -> dict:
+    """Zero to two computed columns: most often a time bucket."""
+    expressions = {}
+    if rng.random() < 0.4:
+        expressions["bucket"] = f'bucket("{rng.choice(BUCKETED)}", \'{rng.choice(UNITS)}\')'
+    if rng.random() < 0.15:
+        expressions["computed"] = rng.choice(ARITHMETIC)
+    return expressions
+
+
+def random_config(rng: random.Random, kinds: dict, samples: dict, computed: dict) -> dict:
+    """`kinds` and `samples` are the table's column types and values;
+    `computed` the same for each expression text (Perspective's answers)."""
+    names = [n for n in kinds if n != "id"]
     config = {"columns": rng.sample(names, rng.randint(1, 4))}
+    expressions = random_expressions(rng)
+    if expressions:
+        config["expressions"] = expressions
+        config["columns"] += [name for name in expressions if rng.random() < 0.7]
+        names = names + list(expressions)
+        kinds = {**kinds, **{name: computed[text][0] for name, text in expressions.items()}}
+        samples = {**samples, **{name: computed[text][1] for name, text in expressions.items()}}
     depth = rng.choice([0, 1, 1, 2, 2])
     if depth:
-        config["group_by"] = rng.sample(GROUPABLE, depth)
+        config["group_by"] = rng.sample(GROUPABLE + ["bucket"] * 3 * ("bucket" in expressions), depth)
+        config["group_by"] = list(dict.fromkeys(config["group_by"]))
     if rng.random() < 0.35:
-        config["split_by"] = [rng.choice(SPLITTABLE)]
+        # A split by a bucket, when it has no more values than history shows
+        # (--history-split-values, 50).
+        few = "bucket" in expressions and computed[expressions["bucket"]][2] <= history.Limits().split_values
+        config["split_by"] = [rng.choice(SPLITTABLE + ["bucket"] * 2 * few)]
     # Perspective 4.3.0 fills a sorted split-by without group-by with zeros
     # and blanks instead of the rows' values; that view is not compared.
     sortable = bool(config.get("group_by") or not config.get("split_by"))
     aggregates = {}
     for name in config["columns"]:
         if rng.random() < 0.8:
-            offered = history.AGGREGATES_BY_TYPE[columns[name].perspective_type]
+            offered = history.AGGREGATES_BY_TYPE[kinds[name]]
             if name not in NEVER_NULL:
                 offered = [a for a in offered if a not in NULL_SENSITIVE]
             aggregates[name] = rng.choice(offered)
@@ -105,17 +135,17 @@ def random_config(rng: random.Random, columns, samples) -> dict:
     filters = []
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
         name = rng.choice(names)
-        kind = columns[name].perspective_type
+        kind = kinds[name]
         op = rng.choice(history.FILTER_OPS[kind])
         if op in ("is null", "is not null"):
             filters.append([name, op, None])
         elif op in ("in", "not in"):
             filters.append([name, op, rng.sample(sorted({v for v in samples[name] if v is not None}), 2)])
         elif op in ("begins with", "contains", "ends with"):
-            word = filter_value(rng, columns[name], samples[name]) or "a"
+            word = filter_value(rng, samples[name]) or "a"
             filters.append([name, op, word[:rng.randint(1, max(1, len(word)))]])
         else:
-            value = filter_value(rng, columns[name], samples[name])
+            value = filter_value(rng, samples[name])
             if value is None or value == "":
                 continue  # Perspective 4.3.0 compares with "" in its own way
             filters.append([name, op, value])
@@ -132,7 +162,8 @@ def leaves_nothing(local_table, config) -> bool:
     aggregates), so they are not sent to it; test_empty_filter covers them."""
     if not config.get("filter"):
         return False
-    rows = local_table.view(columns=config["columns"][:1], filter=config["filter"])
+    rows = local_table.view(columns=config["columns"][:1], filter=config["filter"],
+                            expressions=config.get("expressions", {}))
     empty = rows.num_rows() == 0
     rows.delete()
     return empty
@@ -143,11 +174,21 @@ def leaves_nothing(local_table, config) -> bool:
 _PERSPECTIVE_SPLIT_NULLS = (0, 0.0, "", False, -62167305600000)
 
 
-def samples_of(local_table) -> dict:
-    view = local_table.view()
+def samples_of(local_table, expressions: dict | None = None, every=False) -> dict:
+    view = local_table.view(expressions=expressions or {})
     data = view.to_columns()
     view.delete()
-    return {name: values[:200] for name, values in data.items()}
+    return {name: values if every else values[:200] for name, values in data.items()}
+
+
+def computed_columns(local_table) -> dict:
+    """Each expression the generator may use -> (Perspective's type for it,
+    sample values, how many distinct values), as Perspective computes them."""
+    texts = [f'bucket("{column}", \'{unit}\')' for column in BUCKETED for unit in UNITS] + ARITHMETIC
+    expressions = {f"e{index}": text for index, text in enumerate(texts)}
+    types = local_table.validate_expressions(expressions)["expression_schema"]
+    values = samples_of(local_table, expressions, every=True)
+    return {text: (types[name], values[name][:200], len(set(values[name]))) for name, text in expressions.items()}
 
 
 def same(a, b) -> bool:
@@ -200,10 +241,12 @@ def differences(config, expected: dict, actual: dict) -> list[str]:
 def test_history_matches_perspective(both, capsys):
     local, remote, columns = both
     samples = samples_of(local)
+    computed = computed_columns(local)
+    kinds = {name: column.perspective_type for name, column in columns.items()}
     rng = random.Random(SEED)
-    failures, ran = [], 0
+    failures, ran, computing = [], 0, 0
     for _ in range(CONFIGS):
-        config = random_config(rng, columns, samples)
+        config = random_config(rng, kinds, samples, computed)
         if leaves_nothing(local, config):
             config.pop("filter")
         expected_view = local.view(**config)
@@ -214,9 +257,11 @@ def test_history_matches_perspective(both, capsys):
         assert view.num_rows() == len(next(iter(expected.values()), [])) or not expected
         view.delete()
         ran += 1
+        computing += bool(config.get("expressions"))
         found = differences(config, expected, actual)
         if found:
             failures.append((config, found[:3]))
     with capsys.disabled():
-        print(f"\nhistory vs Perspective: {ran} configs (seed {SEED}), {ran - len(failures)} identical")
+        print(f"\nhistory vs Perspective: {ran} configs (seed {SEED}; {computing} with a bucket or "
+              f"arithmetic column), {ran - len(failures)} identical")
     assert not failures, "\n".join(f"{c}\n    {f}" for c, f in failures[:15]) + f"\n({len(failures)} differ)"

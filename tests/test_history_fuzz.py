@@ -18,10 +18,12 @@ from test_history_server import open_history
 FRAMES = 3_000
 CONFIGS = 300
 VALID = ["close", "ticker", "client", "volume", "timestamp", "date", "inserted_at"]
-NAMES = VALID * 4 + ["id", "nope", "", "close`", 'close" --', None, 7]
+NAMES = VALID * 4 + ["b"] * 4 + ["id", "nope", "", "close`", 'close" --', None, 7]
 OPS = ["==", "!=", "<", ">=", "contains", "in", "not in", "is null", "begins with", "LIKE", ";", None]
 VALUES = [1, -1.5, 1e308, "AAPL", "", "' OR 1 --", ["a", "b"], [], None, True, "2024-01-01"]
 AGGREGATES = ["sum", "count", "avg", "first", "last", "distinct count"] * 3 + ["median", "sum(1)", "", None]
+EXPRESSIONS = ['bucket("timestamp", \'1m\')', 'bucket("date", \'1W\')', 'bucket("timestamp", \'7m\')',
+               '"close" * "volume"', '"close" / 0', 'bucket("close", \'1m\')', "1 +", "bucket(", "'1m'", 7, None]
 
 
 def random_config(rng: random.Random) -> dict:
@@ -32,6 +34,7 @@ def random_config(rng: random.Random) -> dict:
         "filter": [[rng.choice(NAMES), rng.choice(OPS), rng.choice(VALUES)] for _ in range(rng.randint(0, 3))],
         "aggregates": {rng.choice(VALID): rng.choice(AGGREGATES) for _ in range(rng.randint(0, 2))},
         "group_rollup_mode": rng.choice(["rollup", "flat", "total"]),
+        "expressions": {rng.choice(NAMES + ["b"] * 8): rng.choice(EXPRESSIONS) for _ in range(rng.randint(0, 2))},
     }
 
 

@@ -3,10 +3,13 @@
 History pivots every row inside ClickHouse (history.py, served at
 /history), where Live holds only the newest --limit rows. The server runs
 with --limit 300 so that ClickHouse soon holds more rows than Live can.
+Before the page opens, three hours of older rows are added to ClickHouse.
 What a user must see:
 
 * History's row count is ClickHouse's count(), larger than --limit;
-* its default view, grouped by ticker and split by client, draws;
+* its candles: AAPL's 1-minute candles over all three hours, drawn on a time
+  axis (a bucket computed by ClickHouse), where Live holds a minute or so;
+* its pivot, grouped by ticker and split by client, draws;
 * after more inserts, the next refresh (every 5 s) shows the larger count;
 * Live keeps its --limit rows, and nothing logs an error.
 """
@@ -14,6 +17,7 @@ What a user must see:
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +41,25 @@ def wait_for_badge(page, which: str, text: str, timeout_s: float = 20) -> str:
     return badge(page, which)
 
 
+# Three hours of rows, one every 0.36 s, ten tickers in turn, inserted by
+# ClickHouse itself into the table the producer created. Each ticker's price
+# wanders and ends where the producer's first trade of it began, so the
+# chart joins the two.
+OLDER_ROWS = 30_000
+INSERT_OLDER = f"""
+INSERT INTO stock_values (id, timestamp, ticker, client, open, high, low, close, volume, date)
+SELECT generateUUIDv4(number), now64(3) - toIntervalMillisecond(360 * (number + 1000)), ticker,
+       'Alpha Capital', open, greatest(open, close) * 1.001, least(open, close) * 0.999, close, 100, today()
+FROM (SELECT number, first.1 AS ticker,
+             first.2 * (1 + 0.02 * sin(number / 700) + 0.006 * sin(number / 53)) AS close,
+             first.2 * (1 + 0.02 * sin((number + 10) / 700) + 0.006 * sin((number + 10) / 53)) AS open
+      FROM numbers({OLDER_ROWS}) AS n
+      CROSS JOIN (SELECT groupArray((ticker, open)) AS starts
+                  FROM (SELECT ticker, argMin(open, inserted_at) AS open FROM stock_values GROUP BY ticker)) AS s
+      ARRAY JOIN [starts[1 + number % length(starts)]] AS first)
+"""
+
+
 def history_cells(page) -> int:
     return page.locator("#history perspective-viewer-datagrid regular-table tbody td").count()
 
@@ -44,7 +67,8 @@ def history_cells(page) -> int:
 def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # noqa: F811
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    server = Program("perspective_server.py", ["--port", str(port), "--limit", str(LIMIT)], clickhouse.env,
+    server = Program("perspective_server.py",
+                     ["--port", str(port), "--limit", str(LIMIT), "--history-max-rows", "500"], clickhouse.env,
                      tmp_path / "server.log")
     producer = Program("producer.py", [], clickhouse.env, tmp_path / "producer.log")
     programs = [server, producer]
@@ -53,6 +77,10 @@ def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # 
         deadline = time.monotonic() + 60
         while clickhouse.count() <= 2 * LIMIT and time.monotonic() < deadline:
             time.sleep(0.5)
+        client = clickhouse.client()
+        client.database = clickhouse.env["CLICKHOUSE_DB"]
+        client.command(INSERT_OLDER)
+        client.close()
         with browser.launch_chromium() as context:
             router = browser.CdnRouter().install(context)
             page = context.new_page()
@@ -65,8 +93,22 @@ def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # 
                 page.wait_for_timeout(250)
             assert history_cells(page) > 0, f"History never drew; console: {console.errors}\n{server.log()}"
 
-            config = page.evaluate("async () => await document.querySelector('#history perspective-viewer').save()")
+            config = browser.viewer_config(page, "volume_pivot")
             assert config["group_by"] == ["ticker"] and config["split_by"] == ["client"]
+
+            # The candles: one ticker, one per minute, over every row.
+            candles = browser.viewer_config(page, "minute_candles")
+            assert candles["filter"] == [["ticker", "==", "AAPL"]] and candles["plugin"] == "Candlestick"
+            assert browser.group_by_types(page, "minute_candles") == ["datetime"]
+            drawn = browser.view_columns(page, "minute_candles")
+            minutes = [path[0] for path in drawn["__ROW_PATH__"]]
+            assert len(minutes) >= 170 and max(minutes) - min(minutes) >= 170 * 60_000, len(minutes)
+            assert all(later - earlier >= 60_000 and later % 60_000 == 0
+                       for earlier, later in zip(minutes, minutes[1:]))
+            chart = browser.chart_drawn(page, "minute_candles")
+            assert chart["plugin"] == "perspective-viewer-d3fc-candlestick" and chart["shapes"] + chart["canvases"] > 0
+            # A time axis: its ticks are clock times, not row numbers or prices.
+            assert chart["x_ticks"] and all(re.search(r"\d:\d\d|AM|PM", tick) for tick in chart["x_ticks"]), chart
             headers = page.locator("#history perspective-viewer-datagrid regular-table thead").text_content()
             assert "Alpha Capital" in headers, "the split by client drew no client column"
             assert history_cells(page) > 10
@@ -92,6 +134,19 @@ def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # 
             assert wait_for_badge(page, "live", f"{LIMIT:,} rows") == f"{LIMIT:,} rows"
             router.assert_ok()
             assert console.errors == []
+
+            # A chart reads up to 4,000 cells (1,000 candles) at first: more
+            # than --history-max-rows (500 here) is one line in the viewer's
+            # error box, in our words, not a blank chart.
+            page.click("#mode-history")
+            page.evaluate("""async () => {
+                const v = document.querySelector('perspective-viewer[data-view="minute_candles"]');
+                await v.restore({expressions: {minute: `bucket("timestamp", '1s')`}}).catch(() => {});
+            }""")
+            error = page.locator('perspective-viewer[data-view="minute_candles"] .error-dialog-message')
+            error.wait_for(state="attached", timeout=15_000)
+            assert "this view has more than 500 rows (--history-max-rows): choose a larger bucket, or filter" \
+                in error.text_content().splitlines()[0]
         assert server.interrupt() == 0, server.log()
     finally:
         for program in programs:

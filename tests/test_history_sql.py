@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 import history
+import history_expressions
+import history_rollup
 from clickhouse_types import column
 
 CLOSE = column("close", "Nullable(Float64)")
@@ -102,10 +104,75 @@ def test_names_from_a_client_must_be_columns_of_the_table():
     for bad in ({"columns": ['close" FROM system.users --']}, {"columns": ["close"], "group_by": ["`x`"]},
                 {"columns": ["close"], "sort": [["nope", "asc"]]},
                 {"columns": ["close"], "aggregates": {"close": "sum(1)"}},
-                {"columns": ["close"], "expressions": {"x": "1"}},
                 {"columns": ["close"], "split_by": ["ticker", "flag"]}):
         with pytest.raises(history.Refused):
             history.checked_config(bad, COLUMNS)
+
+
+def expression(text, columns=COLUMNS):
+    params = history.Params()
+    made = history_expressions.expression_column("b", text, columns, params)
+    return made.select, made.perspective_type, params
+
+
+def test_a_time_bucket_is_clickhouse_sql_with_its_step_bound():
+    ms = "toUnixTimestamp64Milli(toDateTime64(`timestamp`, 3, 'UTC'))"
+    assert expression('bucket("timestamp", \'5m\')') == (
+        f"fromUnixTimestamp64Milli({ms} - positiveModulo({ms}, {{p0:Int64}}), 'UTC') AS `b`", "datetime",
+        {"p0": 300_000})
+    assert expression('bucket("timestamp", \'h\')')[2] == {"p0": 3_600_000}
+    day = "toDate32(toDateTime64(`timestamp`, 3, 'UTC'))"
+    assert expression('bucket("timestamp", \'1D\')')[:2] == (f"{day} AS `b`", "date")
+    assert expression('bucket("timestamp", \'W\')')[0] == f"({day} - (toDayOfWeek({day}) - 1)) AS `b`"
+    assert expression('bucket("date", \'2M\')') == (
+        "makeDate32(toYear(toDate32(`date`)), intDiv(toMonth(toDate32(`date`)) - 1, {p0:UInt16}) * {p0:UInt16}"
+        " + 1, 1) AS `b`", "date", {"p0": 2})
+    assert expression('bucket("date", \'3Y\')')[0] == \
+        "makeDate32(intDiv(toYear(toDate32(`date`)), {p0:UInt16}) * {p0:UInt16}, 1, 1) AS `b`"
+    # Perspective: a date is its own second, minute and hour.
+    assert expression('bucket("date", \'10s\')')[:2] == ("toDate32(`date`) AS `b`", "date")
+
+
+def test_arithmetic_is_floating_point_with_every_number_bound():
+    sql, kind, params = expression('-"close" * 2.5 / ("close" - 1)')
+    assert (kind, params) == ("float", {"p0": 2.5, "p1": 1.0})
+    divisor = "(toFloat64(`close`) - {p1:Float64})"
+    assert sql == f"if({divisor} = 0, NULL, ((-toFloat64(`close`)) * {{p0:Float64}}) / {divisor}) AS `b`"
+    assert expression('"volume" + 1', {"volume": column("volume", "UInt32")})[0] == \
+        "(toFloat64(toInt64(`volume`)) + {p0:Float64}) AS `b`"
+    assert expression('-"close"')[:2] == ("(-toFloat64(`close`)) AS `b`", "float")
+
+
+@pytest.mark.parametrize("text", [
+    'bucket("timestamp", \'7m\')', 'bucket("timestamp", \'0Y\')', 'bucket("timestamp", \'1 m\')',
+    'bucket("close", \'1m\')', 'bucket("timestamp" + 1, \'1m\')', 'bucket("timestamp", "timestamp")',
+    '"ticker" + 1', 'bucket("timestamp", \'1m\') + 1', 'abs("close")', "'text'", '"nope" * 2',
+    '"canary.secret"', 'bucket("timestamp", \'1m\\\'); DROP TABLE canary --\')', '"close"; DROP TABLE canary',
+    '(SELECT secret FROM canary)', 'sleep(3)', "for (var i := 0; i < 9; i += 1) { 1 }", "while (true) { 1 }",
+    'var x := 1; x', '"close" := 1'])
+def test_anything_else_in_an_expression_is_refused_with_one_line(text):
+    with pytest.raises(history.Refused) as refused:
+        expression(text)
+    assert "\n" not in str(refused.value)
+
+
+def test_an_expression_cannot_take_a_column_name_nor_refer_to_another_expression():
+    with pytest.raises(history.Refused, match="already a column"):
+        history_expressions.expression_column("close", '"close" * 2', COLUMNS, history.Params())
+    columns = {**COLUMNS, "b": history_expressions.expression_column("b", '"close" * 2', COLUMNS, history.Params())}
+    with pytest.raises(history.Refused, match="not a column"):
+        history_expressions.expression_column("c", '"b" + 1', columns, history.Params())
+
+
+def test_a_view_groups_by_a_bucket_with_the_buckets_parameters_first():
+    params = history.Params()
+    columns = {**COLUMNS, **history_expressions.expression_columns(
+        {"minute": 'bucket("timestamp", \'1m\')'}, COLUMNS, params)}
+    config = history.checked_config({"columns": ["close"], "group_by": ["minute"],
+                                     "filter": [["ticker", "==", "AAPL"]], "expressions": {}}, columns)
+    view = history.view_query("stock_values", columns, "inserted_at", config, params=params)
+    assert view.params == {"p0": 60_000, "p1": "AAPL"}
+    assert "GROUP BY ROLLUP(fromUnixTimestamp64Milli(" in view.sql and "AAPL" not in view.sql
 
 
 def test_a_view_is_one_select_with_no_ddl_and_pages_are_limit_offset():
@@ -116,8 +183,29 @@ def test_a_view_is_one_select_with_no_ddl_and_pages_are_limit_offset():
     assert "GROUP BY ROLLUP(toString(`ticker`))" in view.sql and "CREATE" not in view.sql
     assert view.params == {"p0": "X"}
     assert history.page_sql(view, 100, 150).endswith(" LIMIT 50 OFFSET 100")
-    assert history.size_sql(view) == f"SELECT count() FROM ({view.sql})"
+    # The count skips the ordering: the same groups, fewer steps.
+    size = history.size_sql(view)
+    assert size.startswith("SELECT count() FROM (SELECT ") and "GROUP BY ROLLUP" in size and "ORDER BY" not in size
     assert view.names == {"__c0": "close"} and view.kinds == {"__c0": "float"}
+
+
+def test_a_flat_unsorted_view_groups_without_rollup_and_a_sorted_one_keeps_its_ancestors():
+    flat = history.checked_config({"columns": ["close"], "group_by": ["ticker", "flag"],
+                                   "group_rollup_mode": "flat"}, COLUMNS)
+    view = history.view_query("stock_values", COLUMNS, "inserted_at", flat)
+    assert "GROUP BY (toString(`ticker`), `flag`)" in view.sql and "ROLLUP" not in view.sql
+    assert view.sql.endswith("GROUP BY (toString(`ticker`), `flag`) "
+                             "ORDER BY __r0 ASC NULLS FIRST, __r1 ASC NULLS FIRST")
+    flat["sort"] = [("close", "desc")]
+    assert "GROUP BY ROLLUP(" in history.view_query("stock_values", COLUMNS, "inserted_at", flat).sql
+
+
+def test_a_rollup_reads_plain_aggregates_over_every_row_and_if_forms_for_a_split():
+    rollup = history_rollup.Rollup("t_by_minute", frozenset({"ticker"}), frozenset({("close", "first")}))
+    assert rollup.aggregate_sql(CLOSE, "first") == "if(sum(`rows`) = 0, NULL, argMinMerge(`close__first`))"
+    assert rollup.aggregate_sql(CLOSE, "first", "c = 1") == \
+        "if(sumIf(`rows`, c = 1) = 0, NULL, argMinMergeIf(`close__first`, c = 1))"
+    assert rollup.aggregate_sql(CLOSE, "count", "c = 1") == "sumIf(`rows`, c = 1)"
 
 
 def test_grouping_marks_rolled_up_keys_on_the_real_engine(new_client):
@@ -135,6 +223,13 @@ def test_the_limits_are_enforced_by_clickhouse(new_client):
     with pytest.raises(Exception, match="READONLY|readonly"):
         client.query("CREATE TABLE t (x Int8) ENGINE = Memory", settings=limits.settings())
     assert client.query("SELECT count() FROM numbers(100)", settings=limits.settings()).result_rows == [(100,)]
+    # History sends them in the SQL itself: the same limits.
+    assert limits.clause() == (" SETTINGS readonly = 2, max_execution_time = 10.0, max_result_rows = 10, "
+                               "result_overflow_mode = 'throw', max_memory_usage = 2147483648")
+    with pytest.raises(Exception, match="TOO_MANY_ROWS|Limit for result"):
+        client.query("SELECT number FROM numbers(100)" + limits.clause())
+    with pytest.raises(Exception, match="READONLY|readonly"):
+        client.query("CREATE TABLE t (x Int8) ENGINE = Memory" + limits.clause())
 
 
 def _history_client(database, limits=history.Limits()):
@@ -191,3 +286,19 @@ def test_history_flags(capsys):
         perspective_server.parse_args(["--history-max-rows", "0"])
     assert exit_info.value.code == 2
     assert "--history-max-rows" in capsys.readouterr().err
+
+
+def test_a_query_over_a_limit_leaves_the_connection_usable(database):
+    import clickhouse_connect
+
+    def connect():
+        client = clickhouse_connect.get_client(dsn="chdb://memory")
+        client.database = database
+        return client
+
+    source = history.History(connect, "t", "inserted_at", limits=history.Limits(max_rows=10))
+    with pytest.raises(Exception, match="TOO_MANY_ROWS|Limit for result"):
+        source.query("SELECT number FROM numbers(100000)")
+    # The same thread, so the same connection: its next answer is whole.
+    assert source.count("SELECT count() FROM numbers(100000)") == 100000
+    source.close()
