@@ -106,19 +106,23 @@ def test_a_read_without_an_end_gets_the_first_page():
     assert window["close"] == [float(i) for i in range(50, 60)]
 
 
-def test_a_view_with_too_many_columns_is_refused_and_deleted():
+def test_a_view_with_too_many_columns_or_cells_is_refused_and_deleted():
     async def scenario():
-        http, port, _ = await serve(ViewerLimits(view_columns=20))
+        http, port, _ = await serve(ViewerLimits(view_columns=20, view_cells=150))
         client, socket, reader = await open_viewer(port)
         table = await client.open_table(TABLE)
         with refused("view too large: 101 rows x 200 columns"):  # 100 prices x 2 columns, and a total row
             await asyncio.wait_for(table.view(group_by=["close"], split_by=["close"]), 10)
-        narrow = await table.view(group_by=["ticker"], split_by=["ticker"])  # 5 x 2 columns: fine
-        size = await narrow.num_rows()
+        # Within --max-view-columns, over --max-view-cells: 101 rows x 2 columns.
+        with refused("view too large: 101 rows x 2 columns"):
+            await asyncio.wait_for(table.view(group_by=["close"], columns=["ticker", "close"]), 10)
+        one_column = await table.view(group_by=["close"], columns=["close"])  # 101 cells: fine
+        narrow = await table.view(group_by=["ticker"], split_by=["ticker"])  # 6 rows x 10 columns: fine
+        sizes = await one_column.num_rows(), await narrow.num_rows()
         socket.close(), reader.cancel(), http.stop()
-        return size
+        return sizes
 
-    assert asyncio.run(scenario()) == 6  # the total row and 5 tickers
+    assert asyncio.run(scenario()) == (101, 6)  # the total row, and 100 prices or 5 tickers
 
 
 def test_views_per_connection_and_subscriptions_per_view_are_capped():
