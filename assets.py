@@ -99,7 +99,11 @@ def install(folder: Path = FOLDER, registry: str = REGISTRY, timeout: float = 60
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Download Perspective's browser code, so the page needs no CDN.")
     parser.add_argument("--registry", default=REGISTRY, help=f"npm registry (default {REGISTRY})")
+    parser.add_argument("--again", action="store_true", help="download even if assets/ already has them")
     args = parser.parse_args(argv)
+    if installed() and not args.again:
+        print(f"Perspective {VERSION}'s browser code is already in {FOLDER.name}/")
+        return 0
     try:
         install(registry=args.registry.rstrip("/"))
     except (OSError, ValueError, tarfile.TarError) as error:

@@ -54,6 +54,7 @@ import perspective
 import pyarrow as pa
 import tornado.web
 
+import assets
 import connection
 import history
 import producer
@@ -144,27 +145,65 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
 
 
 class IndexHandler(tornado.web.RequestHandler):
-    """index.html, told whether this server offers History (its meta tag)."""
+    """index.html, told whether this server offers History (its meta tag),
+    and, when assets.py has downloaded Perspective's browser code, loading
+    it from this server instead of the CDN."""
 
-    def initialize(self, history: bool = True):
+    def initialize(self, history: bool = True, local_assets: bool = False):
         self.history = history
+        self.local_assets = local_assets
 
     def get(self):
         page = INDEX_HTML.read_bytes()
         if not self.history:
             page = page.replace(b'<meta name="history" content="on">', b'<meta name="history" content="off">')
+        if self.local_assets:
+            page = page.replace(assets.CDN.encode(), ASSETS_ROUTE.encode())
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-cache")
         self.write(page)
 
 
+class AssetHandler(tornado.web.StaticFileHandler):
+    """assets/, Perspective's pinned browser code. The files never change for
+    a version (it is in their path), so browsers may keep them a day."""
+
+    async def get(self, path: str, include_body: bool = True):
+        # Perspective's client also asks for the server's WebAssembly without
+        # a version (@perspective-dev/server/dist/...): answer with the
+        # pinned one rather than a 404 in the console.
+        name, _, rest = path.partition("/")
+        if name == "@perspective-dev" and "@" not in rest.partition("/")[0]:
+            package, _, inner = rest.partition("/")
+            path = f"{name}/{package}@{assets.VERSION}/{inner}"
+        await super().get(path, include_body)
+
+    def set_extra_headers(self, path):
+        self.set_header("Cache-Control", "public, max-age=86400")
+
+    def get_content_type(self):
+        # Browsers compile WebAssembly as it streams only when it is served
+        # as application/wasm; Python's mimetypes does not know .wasm.
+        if self.absolute_path.endswith(".wasm"):
+            return "application/wasm"
+        return super().get_content_type()
+
+
+ASSETS_ROUTE = "/assets/"
+
+
 def make_app(feed: Feed | None, allowed_origins=(), limits: ViewerLimits = ViewerLimits(),
              history_server: history.History | None = None,
-             tables=(connection.TABLE,)) -> tornado.web.Application:
+             tables=(connection.TABLE,), assets_folder: Path | None = assets.FOLDER) -> tornado.web.Application:
     """The page at /, the live rows at /feed; with `history_server`, the
-    whole table of `tables` at /history (Perspective's protocol, checked and limited)."""
+    whole table of `tables` at /history (Perspective's protocol, checked and
+    limited); Perspective's browser code at /assets/ once assets.py has put
+    it in `assets_folder`."""
     origins = frozenset(allowed_origins)
-    routes = [(r"/", IndexHandler, {"history": history_server is not None})]
+    local_assets = assets_folder is not None and assets.installed(assets_folder)
+    routes = [(r"/", IndexHandler, {"history": history_server is not None, "local_assets": local_assets})]
+    if local_assets:
+        routes.append((ASSETS_ROUTE + "(.*)", AssetHandler, {"path": str(assets_folder)}))
     if feed is not None:
         routes.append((r"/feed", FeedHandler, {"feed": feed, "allowed_origins": origins, "limits": limits}))
     if history_server is not None:
@@ -392,6 +431,11 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
                                         "program or choose another with --port") from None
         raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
+    if assets.installed():
+        log.info("the page loads Perspective's browser code from this server (%s/)", assets.FOLDER.name)
+    else:
+        log.info("the page loads Perspective's browser code from %s; where browsers cannot reach it, "
+                 "run .venv/bin/python assets.py and restart", assets.CDN)
 
     tail = Tail(client, settings.table, settings.cursor, settings.key or None, settings.overlap, hidden,
                 check_every=settings.check_every)

@@ -160,6 +160,12 @@ class CdnRouter:
         self.not_found.append(url)
         route.fulfill(status=404, body="not found", headers={"Access-Control-Allow-Origin": "*"})
 
+    def assert_offline(self):
+        """Fail unless the page asked for nothing outside its own server:
+        no CDN request (not even one this router could have answered)."""
+        outside = self.served + self.not_found + self.blocked
+        assert not outside, "page reached outside its server: " + ", ".join(outside)
+
     def unexpected_not_found(self) -> list[str]:
         return [u for u in self.not_found if not UNVERSIONED_SERVER_WASM.match(u)]
 

@@ -60,3 +60,14 @@ def new_client(database):
 def start_server(tmp_path):
     """Starts perspective_server.py --embedded subprocesses; stops them after the test."""
     yield from servers.server_factory(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def local_assets():
+    """Perspective's browser code in assets/, as the README's setup command
+    leaves it (assets.py; it does nothing if the files are already there), so
+    a server started after this serves the page's scripts itself."""
+    import assets
+    if not assets.installed():
+        assets.install()
+    return assets.FOLDER

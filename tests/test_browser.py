@@ -17,15 +17,22 @@ charts look like a market).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
+import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+import tornado.httpserver
+import tornado.testing
 
 import browser
 import chdb_http
+import perspective_server
 from servers import Program, free_port, wait_for_page
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -114,7 +121,9 @@ def screenshots(tmp_path) -> Path:
     return tmp_path
 
 
-def test_every_view_of_the_dashboard_is_live(start_server, browser_context, screenshots):
+def test_every_view_of_the_dashboard_is_live(local_assets, start_server, browser_context, screenshots):
+    # With assets.py's download in place the page needs nothing but this
+    # server: every request elsewhere (the CDN included) would be recorded.
     server = start_server()
     page, router, console = open_page(browser_context, server.url)
 
@@ -173,6 +182,7 @@ def test_every_view_of_the_dashboard_is_live(start_server, browser_context, scre
     page.screenshot(path=screenshots / "screenshot.png")
 
     router.assert_ok()
+    router.assert_offline()
     assert console.errors == []
 
 
@@ -226,7 +236,9 @@ def test_a_table_of_your_own_gets_a_plain_grid(browser_context, tmp_path):
                 price       Float64
             ) ENGINE = MergeTree ORDER BY inserted_at""")
         admin.command("INSERT INTO own.my_trades (trade_id, symbol, price) "
-                      "SELECT number, 'ACME', 100 + number FROM numbers(50)")
+                      "SELECT number, 'ACME', 100 + number FROM numbers(40)")
+        admin.command("INSERT INTO own.my_trades (trade_id, symbol, price) "
+                      "SELECT number, 'ACME', 100 + number FROM numbers(40, 10)")  # a later inserted_at
         admin.close()
         port = free_port()
         server = Program("perspective_server.py",
@@ -240,6 +252,10 @@ def test_a_table_of_your_own_gets_a_plain_grid(browser_context, tmp_path):
             config = browser.viewer_config(page)
             assert config["plugin"] == "Datagrid" and config["title"] == "my_trades"
             assert config["group_by"] == [] and config["split_by"] == []
+            assert page.locator("h1").text_content() == "my_trades, live from ClickHouse"
+            # Newest rows first, by its only time column.
+            assert config["sort"] == [["inserted_at", "desc"]]
+            assert set(browser.view_columns(page)["price"][:10]) == {140.0 + n for n in range(10)}
             assert {"symbol", "price"} <= set(config["columns"])  # the key column stays on the server
             assert browser.row_count(page) == 50
             assert_grid_has_cells(page)
@@ -291,3 +307,46 @@ def test_reconnects_after_server_restart(start_server, browser_context):
     # Chromium reporting the outage, not the page failing.
     refused = "net::ERR_CONNECTION_REFUSED"
     assert [e for e in console.errors if refused not in e] == []
+
+
+@contextlib.contextmanager
+def serving(app):
+    """`app` on a free local port, on a thread of its own; yields the URL."""
+    sock, port = tornado.testing.bind_unused_port()
+    loop = asyncio.new_event_loop()
+
+    def run():
+        asyncio.set_event_loop(loop)
+        tornado.httpserver.HTTPServer(app).add_sockets([sock])
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+
+
+def test_the_page_says_when_perspectives_scripts_cannot_load(browser_context):
+    # No assets/ on this server, and a network that refuses the CDN: the page
+    # names the cause and the fix, instead of "connecting" forever.
+    app = perspective_server.make_app(None, assets_folder=None)
+    refused = []
+
+    def outside_refused(route):
+        if urlsplit(route.request.url).hostname in browser.LOCAL_HOSTS:
+            return route.continue_()
+        refused.append(route.request.url)
+        route.abort("internetdisconnected")
+
+    browser_context.route("**/*", outside_refused)
+    with serving(app) as url:
+        page = browser_context.new_page()
+        page.goto(url)
+        page.wait_for_selector("#load-error", state="visible", timeout=20_000)
+        message = page.locator("#load-error").text_content()
+        assert browser.status(page) == ("no Perspective", "failed")
+    assert "did not load from cdn.jsdelivr.net" in message and ".venv/bin/python assets.py" in message, message
+    assert any(url.startswith(browser.CDN_PREFIX) for url in refused), refused

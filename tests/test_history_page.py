@@ -64,7 +64,7 @@ def history_cells(page) -> int:
     return page.locator("#history perspective-viewer-datagrid regular-table tbody td").count()
 
 
-def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # noqa: F811
+def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, tmp_path):  # noqa: F811
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     server = Program("perspective_server.py",
@@ -133,6 +133,7 @@ def test_history_shows_every_row_and_follows_new_ones(clickhouse, tmp_path):  # 
             page.click("#mode-live")
             assert wait_for_badge(page, "live", f"{LIMIT:,} rows") == f"{LIMIT:,} rows"
             router.assert_ok()
+            router.assert_offline()  # Live and History, with nothing from outside this server
             assert console.errors == []
 
             # A chart reads up to 4,000 cells (1,000 candles) at first: more
