@@ -55,6 +55,7 @@ import pyarrow as pa
 import tornado.web
 
 import assets
+import clickhouse_http
 import connection
 import history
 import producer
@@ -84,6 +85,7 @@ class ServerSettings:
     limits: ViewerLimits = ViewerLimits()
     history: history.Limits | None = history.Limits()  # None: --no-history
     check_every: float = 1.0
+    sql_port: int = 0  # with --embedded: ClickHouse's HTTP interface on 127.0.0.1 (0: none)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connection.ClickHouseSettings]:
@@ -106,7 +108,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                         help="seconds between checks of the overlap for late commits (default 1; 0: every "
                              "poll). Rows on time arrive at the next poll either way; a late one waits "
                              "for the next check")
-    parser.add_argument("--table", default=connection.TABLE, help="table to tail (default stock_values)")
+    parser.add_argument("--table", default=connection.TABLE,
+                        help="table to tail, in the database --ch-database names (default stock_values, "
+                             "in database demo)")
     parser.add_argument("--cursor", default="inserted_at",
                         help="DateTime64 column ClickHouse stamps at insert (default inserted_at)")
     parser.add_argument("--table-wait", type=float, default=0, metavar="SECONDS",
@@ -119,6 +123,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
                              "seen, so a unique id column grows its memory without bound")
     history.add_arguments(parser)
     connection.add_arguments(parser, embedded=True)
+    parser.add_argument("--sql-port", type=int, default=0, metavar="PORT",
+                        help="with --embedded: also answer ClickHouse's HTTP interface on 127.0.0.1:PORT, "
+                             "read-write, as CLICKHOUSE_USER with CLICKHOUSE_PASSWORD, so other programs "
+                             "(producer.py, curl, your own writer) can create tables and insert while this "
+                             "server holds the chDB folder")
     viewers.add_arguments(parser)
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
@@ -133,6 +142,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
         parser.error("--check-every must be zero or more seconds")
     if args.table_wait < 0:
         parser.error("--table-wait must be zero or more seconds")
+    if args.sql_port and not args.embedded:
+        parser.error("--sql-port needs --embedded: a ClickHouse server has its own HTTP interface")
+    if not 0 <= args.sql_port < 65536:
+        parser.error(f"--sql-port {args.sql_port} is not a TCP port (1-65535)")
     try:
         ch = connection.settings_from_args(args)
     except connection.SetupError as error:
@@ -140,7 +153,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ServerSettings, connectio
     settings = ServerSettings(args.port, args.bind, args.interval, args.limit, args.overlap,
                               args.table, args.cursor, args.key or "", tuple(args.allow_origin),
                               args.table_wait, args.show_key, viewers.limits_from_args(args, parser),
-                              history.limits_from_args(args, parser), check_every=args.check_every)
+                              history.limits_from_args(args, parser), check_every=args.check_every,
+                              sql_port=args.sql_port)
     return settings, ch
 
 
@@ -373,6 +387,23 @@ async def sync_forever(sync: Sync, settings: ServerSettings, run, stop: asyncio.
             pass
 
 
+def serve_sql(ch: connection.ClickHouseSettings, port: int):
+    """ClickHouse's HTTP interface on 127.0.0.1:`port`, in front of the embedded
+    chDB (clickhouse_http.py), for programs other than this one."""
+    path = ch.chdb_path if ch.chdb_path == connection.MEMORY else str(Path(ch.chdb_path).resolve())
+    engine = clickhouse_http.Engine(path)
+    try:
+        server = clickhouse_http.application(engine, ch.username, ch.password).listen(port, "127.0.0.1")
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            raise connection.SetupError(f"--sql-port {port} is already in use: stop the other program or "
+                                        "choose another port") from None
+        raise connection.SetupError(f"cannot listen on 127.0.0.1:{port}: {error.strerror}") from None
+    log.info("ClickHouse's HTTP interface for the embedded database: http://127.0.0.1:%d (user %s, "
+             "database %s)", port, ch.username, ch.database)
+    return server
+
+
 def start_embedded_producer(ch: connection.ClickHouseSettings, table: str) -> tuple[threading.Event, threading.Thread]:
     """The producer on a thread: chDB lets only one process open its data folder."""
     client = connection.connect(ch)
@@ -413,6 +444,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         log.info("embedded: serving your table %s; the demo producer writes only %s, so it is not started",
                  settings.table, connection.TABLE)
 
+    sql_server = serve_sql(ch, settings.sql_port) if settings.sql_port else None
+
     perspective_server = perspective.Server()
     hidden = (settings.key,) if settings.key and not settings.show_key else ()
     history_server = None
@@ -445,6 +478,8 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
 
     log.info("shutting down")
     http_server.stop()
+    if sql_server is not None:
+        sql_server.stop()
     Viewers.close_all()
     if producer_stop is not None:
         producer_stop.set()

@@ -12,10 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import clickhouse_connect
 import pytest
 
 import producer
 from perspective_server import wait_for_table
+from servers import follow_feed
 from tailer import SchemaError, TableNotFound, Tail
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -241,28 +243,59 @@ def test_a_chdb_folder_in_use_is_one_line_naming_the_fix(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_embedded_with_your_own_table_serves_it_and_leaves_the_demo_producer_out(tmp_path):
-    _chdb(tmp_path, "CREATE TABLE trades (trade_id UInt64, price Float64, "
-                    "inserted_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC')) ENGINE = MergeTree ORDER BY inserted_at;"
-                    "INSERT INTO trades (trade_id, price) VALUES (1, 10.5), (2, 11.25)")
+def test_embedded_with_your_own_table_grows_through_the_sql_port_and_leaves_the_demo_producer_out(tmp_path):
+    # The README's embedded path for a table of your own: the server holds the
+    # chDB folder, so the table is created and written through --sql-port.
+    port, sql_port = free_port(), free_port()
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
         server = subprocess.Popen([sys.executable, "perspective_server.py", "--embedded", "--chdb-path", str(tmp_path),
-                                   "--table", "trades", "--key", "trade_id", "--port", str(free_port())],
+                                   "--table", "trades", "--key", "trade_id", "--port", str(port),
+                                   "--sql-port", str(sql_port)],
                                   cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
+
+    def wait_for_log(text: str) -> None:
         deadline = time.monotonic() + 60
-        while "backfilled" not in log_path.read_text() and time.monotonic() < deadline:
+        while text not in log_path.read_text() and time.monotonic() < deadline:
             assert server.poll() is None, log_path.read_text()
             time.sleep(0.2)
-        text = log_path.read_text()
-        assert "backfilled 2 rows into Perspective table trades" in text
-        assert "the demo producer writes only stock_values, so it is not started" in text
+        assert text in log_path.read_text()
+
+    async def rows_on_the_page(count: int) -> int:
+        replica, follower = await follow_feed(port)
+        deadline = time.monotonic() + 30
+        while replica.table.size() < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        size = replica.table.size()
+        replica.close()
+        follower.cancel()
+        return size
+
+    try:
+        wait_for_log("no table trades in database demo")
+        client = clickhouse_connect.get_client(host="127.0.0.1", port=sql_port, username="demo", password="demo",
+                                               database="demo", autogenerate_session_id=False)
+        client.command("CREATE TABLE trades (trade_id UInt64, price Float64, "
+                       "inserted_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC')) ENGINE = MergeTree "
+                       "ORDER BY inserted_at")
+        client.insert("trades", [[1, 10.5], [2, 11.25]], column_names=["trade_id", "price"])
+        wait_for_log("backfilled 2 rows into Perspective table trades")
+        assert "the demo producer writes only stock_values, so it is not started" in log_path.read_text()
+        # New rows, while the server runs, reach the page.
+        client.insert("trades", [[3, 12.0], [4, 12.5], [5, 13.0]], column_names=["trade_id", "price"])
+        assert asyncio.run(rows_on_the_page(5)) == 5
+        client.close()
     finally:
         server.send_signal(signal.SIGINT)
-        assert server.wait(timeout=30) == 0
+        assert server.wait(timeout=30) == 0, log_path.read_text()
     assert _chdb(tmp_path, "SELECT count() FROM system.tables WHERE database = 'demo' AND name = 'stock_values'") == "0"
-    assert _chdb(tmp_path, "SELECT count() FROM trades") == "2"
+    assert _chdb(tmp_path, "SELECT count() FROM trades") == "5"
+
+
+def test_sql_port_is_for_embedded_mode_only():
+    result = run_script("perspective_server.py", "--sql-port", "8124")
+    assert result.returncode == 2
+    assert "--sql-port needs --embedded" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_help_names_the_environment_variables(capsys):
