@@ -45,7 +45,7 @@ time and count and talks only to 127.0.0.1.
 
     python bench/hostile.py                   # both servers, every attack, about 12 minutes
     python bench/hostile.py --only while_loop --servers new
-    python bench/hostile.py --smoke           # CI: new server, small attacks, about 2 minutes
+    python bench/hostile.py --smoke           # CI: new server, 1 s attacks, under a minute
     python bench/hostile.py --json hostile.json
 
 Sample (2 shared cores, load average 4-9; columns abridged; the README's
@@ -541,7 +541,7 @@ def parse_args(argv=None):
     parser.add_argument("--seconds", type=float, default=20, help="attack duration (default 20)")
     parser.add_argument("--settle", type=float, default=6, help="seconds measured before and after (default 6)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every attack's count (default 1)")
-    parser.add_argument("--smoke", action="store_true", help="new server only, 2 s attacks at 1/10 scale")
+    parser.add_argument("--smoke", action="store_true", help="new server only, 1 s attacks at 1/10 scale")
     parser.add_argument("--json", metavar="PATH", help="write results and summary here")
     parser.add_argument("--keep-logs", metavar="DIR", help="copy the server logs here")
     parser.add_argument("--victim", type=int, help=argparse.SUPPRESS)
@@ -549,7 +549,7 @@ def parse_args(argv=None):
     parser.add_argument("--victim-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.servers, args.seconds, args.settle, args.scale = ["new"], 2, 2, 0.1
+        args.servers, args.seconds, args.settle, args.scale = ["new"], 1, 1, 0.1
     return args
 
 

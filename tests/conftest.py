@@ -67,7 +67,13 @@ def local_assets():
     """Perspective's browser code in assets/, as the README's setup command
     leaves it (assets.py; it does nothing if the files are already there), so
     a server started after this serves the page's scripts itself."""
+    import fcntl
+    import tempfile
+    from pathlib import Path
+
     import assets
-    if not assets.installed():
-        assets.install()
+    with open(Path(tempfile.gettempdir()) / "perspective-assets.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers run in parallel: one downloads, the others wait
+        if not assets.installed():
+            assets.install()
     return assets.FOLDER

@@ -125,7 +125,8 @@ async def open_viewer(port: int, origin: str | None = None, path: str = "/histor
 async def follow_feed(port: int, patience: float = 60):
     """A copy of the live table that follows /feed, as a page does: (replica, its follow task).
 
-    Retries while the server has no table yet (it closes the feed with 1013).
+    Retries while the server has no table yet (it closes the feed with 1013);
+    a server without /feed (404) is an error at once.
     """
     import asyncio
 
@@ -140,9 +141,9 @@ async def follow_feed(port: int, patience: float = 60):
             replica = await Replica.connect(f"ws://127.0.0.1:{port}/feed", perspective.Server().new_local_client(),
                                             f"http://127.0.0.1:{port}")
             return replica, asyncio.ensure_future(replica.follow())
-        except (FeedGap, OSError, tornado.httpclient.HTTPClientError):
-            if time.monotonic() > deadline:
-                raise
+        except (FeedGap, OSError, tornado.httpclient.HTTPClientError) as error:
+            if time.monotonic() > deadline or getattr(error, "code", None) == 404:
+                raise  # out of patience, or a server with no /feed at all
             await asyncio.sleep(0.2)
 
 
