@@ -34,6 +34,21 @@ def badge(page, which: str) -> str:
     return page.locator(f"#{which}-count").text_content().strip()
 
 
+def viewer_table_rows(page, view: str) -> int | None:
+    """The table's row count a viewer shows in its status bar: "11 (31,400) x 8 (10)" is 31,400."""
+    text = page.evaluate("""(view) => document.querySelector(`perspective-viewer[data-view="${view}"]`)
+                                ?.shadowRoot?.querySelector("#status_bar")?.textContent ?? ''""", view)
+    found = re.search(r"\(([\d,]+)\)", text)
+    return int(found.group(1).replace(",", "")) if found else None
+
+
+def wait_for_viewer_rows(page, view: str, rows: int, timeout_s: float = 20) -> int | None:
+    deadline = time.monotonic() + timeout_s
+    while viewer_table_rows(page, view) != rows and time.monotonic() < deadline:
+        page.wait_for_timeout(250)
+    return viewer_table_rows(page, view)
+
+
 def wait_for_badge(page, which: str, text: str, timeout_s: float = 20) -> str:
     deadline = time.monotonic() + timeout_s
     while badge(page, which) != text and time.monotonic() < deadline:
@@ -95,6 +110,7 @@ def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, 
 
             config = browser.viewer_config(page, "volume_pivot")
             assert config["group_by"] == ["ticker"] and config["split_by"] == ["client"]
+            assert config["columns"] == ["trades", "volume"]
 
             # The candles: one ticker, one per minute, over every row.
             candles = browser.viewer_config(page, "minute_candles")
@@ -129,6 +145,14 @@ def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, 
             grown = clickhouse.count()
             assert grown > stored
             assert wait_for_badge(page, "history", f"{grown:,} rows") == f"{grown:,} rows"
+            # Each viewer's own count of the table's rows agrees with the switch.
+            for view in ("minute_candles", "volume_pivot"):
+                assert wait_for_viewer_rows(page, view, grown) == grown, view
+            # The pivot, as Live's: trades and volume per client; its total
+            # row's trades are every row in ClickHouse.
+            pivot = browser.view_columns(page, "volume_pivot")
+            trades = [values[0] for name, values in pivot.items() if name.endswith("|trades")]
+            assert len(trades) >= 4 and sum(trades) == grown, pivot.keys()
 
             page.click("#mode-live")
             assert wait_for_badge(page, "live", f"{LIMIT:,} rows") == f"{LIMIT:,} rows"
@@ -148,6 +172,24 @@ def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, 
             error.wait_for(state="attached", timeout=15_000)
             assert "this view has more than 500 rows (--history-max-rows): choose a larger bucket, or filter" \
                 in error.text_content().splitlines()[0]
+
+            # After a reload the switch has History's count before History is
+            # opened. A saved layout whose candles are too fine (as a user
+            # might save one) gives the same hint when History opens, and
+            # the pivot beside them is drawn all the same.
+            page.evaluate("""async () => {
+                const v = document.querySelector('perspective-viewer[data-view="minute_candles"]');
+                const config = {...await v.save(), expressions: {minute: `bucket("timestamp", '1s')`}};
+                localStorage.setItem("perspective-dashboard:history:stock_values",
+                                     JSON.stringify({minute_candles: config}));
+            }""")
+            page.reload()
+            browser.wait_for_status(page, "live")
+            assert wait_for_badge(page, "history", f"{grown:,} rows") == f"{grown:,} rows"
+            page.click("#mode-history")
+            error.wait_for(state="attached", timeout=15_000)
+            assert "choose a larger bucket" in error.text_content()
+            assert wait_for_viewer_rows(page, "volume_pivot", grown) == grown
         assert server.interrupt() == 0, server.log()
     finally:
         for program in programs:
