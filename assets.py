@@ -1,4 +1,4 @@
-"""Perspective's browser code, served by perspective_server.py itself.
+"""Chapter 3 (ClickHouse rows, live in every browser): the page's scripts, served by this server.
 
 index.html loads Perspective's JavaScript and WebAssembly from the jsDelivr
 CDN. Where the CDN cannot be reached (a locked-down office network, an

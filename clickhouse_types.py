@@ -1,4 +1,4 @@
-"""From a ClickHouse column type to a Perspective column type.
+"""Chapter 3 (ClickHouse rows, live in every browser): ClickHouse's column types as Perspective's.
 
 Perspective has six column types: string, integer, float, boolean, date and
 datetime. For each ClickHouse column this module picks one, plus the SQL

@@ -1,4 +1,4 @@
-"""How both scripts reach ClickHouse: settings, the client, and friendly errors.
+"""Chapters 1 and 3: how producer.py and perspective_server.py reach ClickHouse.
 
 producer.py and perspective_server.py share this module so that they agree on
 where the database is and what the table is called. Everything here can be

@@ -48,11 +48,11 @@ EOF
 # stumbling block, and the tutorial also runs without Docker.
 require_docker() {
     if ! command -v docker >/dev/null 2>&1; then
-        echo "docker.sh: docker is not installed; install Docker, or run without it: python perspective_server.py --embedded" >&2
+        echo "docker.sh: docker is not installed; install Docker, or run without it: .venv/bin/python perspective_server.py --embedded" >&2
         exit 1
     fi
     if ! docker info >/dev/null 2>&1; then
-        echo "docker.sh: cannot reach the Docker daemon; start Docker Desktop or \`sudo systemctl start docker\`, or run without it: python perspective_server.py --embedded" >&2
+        echo "docker.sh: cannot reach the Docker daemon; start Docker Desktop or \`sudo systemctl start docker\`, or run without it: .venv/bin/python perspective_server.py --embedded" >&2
         exit 1
     fi
 }
@@ -108,8 +108,8 @@ ClickHouse is ready.
   database:  $CLICKHOUSE_DB
 
 Next, in two terminals:
-  python producer.py
-  python perspective_server.py
+  .venv/bin/python producer.py
+  .venv/bin/python perspective_server.py
 then open http://localhost:8080
 Stop with: ./docker.sh stop
 EOF

@@ -1,4 +1,4 @@
-"""The rows, sent once to every page: the live feed at /feed.
+"""Chapter 3 (ClickHouse rows, live in every browser): the live feed, the same rows to every page.
 
 Each page holds a Perspective table of its own, in the browser, and computes
 its views there. The server's job is only to keep that table equal to its

@@ -43,7 +43,7 @@ client reads a per-minute rollup instead of the table when one exists
 
 What Perspective cannot show (Array, Map, ...) is left out, as in the live
 view. Known differences from Perspective's own engine are listed in the
-README (chapter 4): `first`/`last` on rows with children, and view schemas
+docs/history.md: `first`/`last` on rows with children, and view schemas
 of columns whose name contains `_`.
 """
 

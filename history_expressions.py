@@ -1,4 +1,4 @@
-"""History's computed columns: Perspective expressions, computed in ClickHouse.
+"""Chapter 4 (all of history, pivoted inside ClickHouse): computed columns, computed in ClickHouse.
 
 The viewer's "New Column" editor sends an expression such as
 `bucket("timestamp", '1m')` with the view config. The live page computes it

@@ -1,4 +1,4 @@
-"""History's shortcut: a per-minute rollup, read when it gives the same cells.
+"""Chapter 4 (all of history, pivoted inside ClickHouse): the per-minute rollup that answers some views.
 
 A 1-minute candle chart of one ticker over 100 million rows is a scan of
 ten million rows, every time the page refreshes. producer.py gives the demo

@@ -20,12 +20,12 @@ stalls the websocket.
 
 Run it after ./docker.sh and producer.py, then open http://localhost:8080:
 
-    python perspective_server.py
+    .venv/bin/python perspective_server.py
 
 Or run the whole demo in this one process, no Docker needed: ClickHouse runs
 in-process (chDB) and the producer runs on a thread beside the server.
 
-    python perspective_server.py --embedded
+    .venv/bin/python perspective_server.py --embedded
 
 Every 10 seconds it logs what it did, e.g.
 

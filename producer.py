@@ -7,8 +7,8 @@ like a market, and every row keeps low <= open, close <= high.
 
 Run it after ./docker.sh:
 
-    python producer.py
-    python producer.py --batch-size 1000 --interval 1   # fewer, larger inserts
+    .venv/bin/python producer.py
+    .venv/bin/python producer.py --batch-size 1000 --interval 1   # fewer, larger inserts
 
 You will see one line every 10 seconds, e.g.
 

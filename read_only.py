@@ -1,4 +1,4 @@
-"""Viewers may look, not touch: a gate for Perspective's websocket requests.
+"""Chapter 4 (all of history, pivoted inside ClickHouse): the read-only gate (look, never touch).
 
 History (/history) speaks Perspective's websocket protocol, and that
 protocol lets any client write: a browser could clear a table, replace it,

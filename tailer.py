@@ -1,4 +1,4 @@
-"""Chapter 2: reading each new ClickHouse row exactly once.
+"""Chapter 2: reading each new row exactly once.
 
 ClickHouse has no change feed, so the server polls. The tempting query,
 `WHERE timestamp >= now() - INTERVAL 1 SECOND`, is wrong twice over: every

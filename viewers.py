@@ -1,4 +1,4 @@
-"""Who may connect, and what a connection may ask: History's websocket.
+"""Chapter 4 (all of history, pivoted inside ClickHouse): who may connect, and what they may ask.
 
 The History view (history.py) speaks Perspective's own protocol: the viewer
 sends its pivot, the server answers with cells. This module is that
