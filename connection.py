@@ -270,7 +270,7 @@ def explain(error: Exception, settings: ClickHouseSettings) -> str:
         return f"embedded chDB failed to open {settings.chdb_path}: {first_line}"
     if is_transient(error):
         return (f"cannot reach ClickHouse at {settings.address}: start it with ./docker.sh, "
-                "or run without Docker: python perspective_server.py --embedded")
+                "or run without Docker: .venv/bin/python perspective_server.py --embedded")
     if isinstance(error, ClickHouseError):
         first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
         return f"ClickHouse at {settings.address} said: {first_line}"

@@ -815,8 +815,8 @@ class History:
             if self._rollups:
                 log.info("history reads %s for views by whole minutes", ", ".join(r.table for r in self._rollups))
             else:
-                log.info("no rollup %s_by_...: history reads every row of %s for each view (README, "
-                         "chapter 4, shows how to add one)", self.table, self.table)
+                log.info("no rollup %s_by_...: history reads every row of %s for each view "
+                         "(docs/history.md shows how to add one)", self.table, self.table)
         return self._rollups
 
     def split_values(self, columns: dict[str, Column], config: dict, params: Params | None = None,

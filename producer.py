@@ -46,8 +46,7 @@ TICKERS = ("AAPL", "AMZN", "GOOG", "META", "MSFT", "NFLX", "NVDA", "ORCL", "TSLA
 CLIENTS = ("Alpha Capital", "Birch Fund", "Cobalt Partners", "Delta Advisors")
 
 # `inserted_at` is stamped by ClickHouse when the row arrives and leads the
-# sort key: it is the cursor perspective_server.py tails (README, "How
-# tailing works"). `id` lets the server drop a row it has already delivered.
+# sort key: it is the cursor perspective_server.py tails (docs/tailing.md). `id` lets the server drop a row it has already delivered.
 # The deduplication window lets ClickHouse drop a batch that the producer
 # sends twice, which plain MergeTree only does when this setting is on.
 CREATE_TABLE = """
@@ -76,7 +75,7 @@ SETTINGS non_replicated_deduplication_window = 1000
 # and minute, what a candle or a pivot needs: the row count and, per price, the
 # first/last (by `inserted_at`), min, max and sum, as aggregate states. A
 # materialized view fills it on every insert, and history.py reads it when a
-# view's buckets are whole minutes (README, chapter 4). Columns are named
+# view's buckets are whole minutes (docs/history.md). Columns are named
 # `<column>__<aggregate>`: history_rollup.py finds them by that name.
 ROLLUP_MEASURES = {"open": ("first", "last", "min", "max", "sum"), "high": ("first", "last", "min", "max", "sum"),
                    "low": ("first", "last", "min", "max", "sum"), "close": ("first", "last", "min", "max", "sum"),

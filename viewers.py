@@ -42,9 +42,8 @@ log = logging.getLogger("server")
 
 @dataclass(frozen=True)
 class ViewerLimits:
-    """What one viewer may use; the defaults leave room to spare (README,
-    Reliability and security). Connections and the send buffer apply to
-    /feed too."""
+    """What one viewer may use; the defaults leave room to spare
+    (docs/security.md). Connections and the send buffer apply to /feed too."""
     connections: int = 100               # open websockets, all addresses together
     connections_per_address: int = 8     # open websockets from one IP address (browser tabs)
     views: int = 16                      # live views per connection

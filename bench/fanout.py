@@ -41,10 +41,10 @@ at --rate rows/s.
 
 Run it from the repository root:
 
-    python bench/fanout.py                                   # the README's table (several minutes)
-    python bench/fanout.py --runs new:200:1000 old:200:50    # design:rows per second:clients ...
-    python bench/fanout.py --chromium --rate 2000            # 1 and 8 real pages, both designs
-    python bench/fanout.py --smoke                           # CI: a few clients, a few seconds
+    .venv/bin/python bench/fanout.py                                   # the README's table (several minutes)
+    .venv/bin/python bench/fanout.py --runs new:200:1000 old:200:50    # design:rows per second:clients ...
+    .venv/bin/python bench/fanout.py --chromium --rate 2000            # 1 and 8 real pages, both designs
+    .venv/bin/python bench/fanout.py --smoke                           # CI: a few clients, a few seconds
 """
 
 from __future__ import annotations

@@ -69,12 +69,12 @@ log line (inserted_at -> its Perspective table) is shown beside it.
 Run it from the repository root (needs `npm ci --prefix tests` and
 /usr/bin/chromium, as the browser test does):
 
-    python bench/freshness.py                        # 60 s, both schemes
-    python bench/freshness.py --only project --seconds 30
-    python bench/freshness.py --old-page ''                # without the old page beside the dashboard
-    python bench/freshness.py --only project --server-interval 0.1   # what a shorter poll buys
-    python bench/freshness.py --smoke                # CI: 8 s of inserts, < 20 s in all
-    python bench/freshness.py --json freshness.json
+    .venv/bin/python bench/freshness.py                        # 60 s, both schemes
+    .venv/bin/python bench/freshness.py --only project --seconds 30
+    .venv/bin/python bench/freshness.py --old-page ''                # without the old page beside the dashboard
+    .venv/bin/python bench/freshness.py --only project --server-interval 0.1   # what a shorter poll buys
+    .venv/bin/python bench/freshness.py --smoke                # CI: 8 s of inserts, < 20 s in all
+    .venv/bin/python bench/freshness.py --json freshness.json
 
 Sample output, from before the dashboard and while the target was 500 ms
 (2 cores, load average 3-4 from other work on the machine,

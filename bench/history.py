@@ -20,9 +20,9 @@ rollup, filled by its materialized view during the insert):
 The client speaks Perspective's protocol to the VirtualServer in process,
 byte for byte as over the websocket, without the network.
 
-    python bench/history.py                # 100M rows: about 10 minutes
-    python bench/history.py --smoke        # 50k rows, seconds: only shows it runs
-    python bench/history.py --json out.json
+    .venv/bin/python bench/history.py                # 100M rows: about 10 minutes
+    .venv/bin/python bench/history.py --smoke        # 50k rows, seconds: only shows it runs
+    .venv/bin/python bench/history.py --json out.json
 """
 
 from __future__ import annotations

@@ -43,13 +43,13 @@ checked out to a temporary `git worktree`, removed afterwards), "new" is
 this working tree. Everything is bounded in
 time and count and talks only to 127.0.0.1.
 
-    python bench/hostile.py                   # both servers, every attack, about 12 minutes
-    python bench/hostile.py --only while_loop --servers new
-    python bench/hostile.py --smoke           # CI: new server, 1 s attacks, under a minute
-    python bench/hostile.py --json hostile.json
+    .venv/bin/python bench/hostile.py                   # both servers, every attack, about 12 minutes
+    .venv/bin/python bench/hostile.py --only while_loop --servers new
+    .venv/bin/python bench/hostile.py --smoke           # CI: new server, 1 s attacks, under a minute
+    .venv/bin/python bench/hostile.py --json hostile.json
 
-Sample (2 shared cores, load average 4-9; columns abridged; the README's
-Reliability and security section has the whole table):
+Sample (2 shared cores, load average 4-9; columns abridged; bench/README.md
+has the whole table):
 
     attack       server  victim upd (before/during/after)  lag p95 ms during (p50)  RSS MB before/max/after  SIGINT
     split_close  old     12/1/0                            177 (177)                446/2491/3655            needed kill

@@ -29,11 +29,11 @@ ClickHouse, no server, about 40 s for 10 minutes' rows. It shows what grows.
 
 Run it from the repository root:
 
-    python bench/memory.py                       # 10 minutes, 60 s warm-up
-    python bench/memory.py --minutes 3
-    python bench/memory.py --smoke               # 15 s, 5 s warm-up (CI, ~18 s in all)
-    python bench/memory.py --table-only          # the Perspective table alone, with and without `id`
-    python bench/memory.py --json memory.json
+    .venv/bin/python bench/memory.py                       # 10 minutes, 60 s warm-up
+    .venv/bin/python bench/memory.py --minutes 3
+    .venv/bin/python bench/memory.py --smoke               # 15 s, 5 s warm-up (CI, ~18 s in all)
+    .venv/bin/python bench/memory.py --table-only          # the Perspective table alone, with and without `id`
+    .venv/bin/python bench/memory.py --json memory.json
 
 Sample output (2 cores, shared with other work; perspective-python 4.3.0,
 chDB 4.4.0 behind the harness):

@@ -40,11 +40,11 @@ BY then means the column, not the SELECT list's `toDateTime64(inserted_at, 3,
 
 Run it from the repository root:
 
-    python bench/poll_cost.py                            # 10k and 10M rows, 200 polls each
-    python bench/poll_cost.py --proposed-fix             # also the fixed query, side by side
-    python bench/poll_cost.py --sizes 10000 1000000 10000000 --polls 400
-    python bench/poll_cost.py --smoke                    # 1k and 100k rows, 10 polls (CI, ~10 s)
-    python bench/poll_cost.py --json poll_cost.json
+    .venv/bin/python bench/poll_cost.py                            # 10k and 10M rows, 200 polls each
+    .venv/bin/python bench/poll_cost.py --proposed-fix             # also the fixed query, side by side
+    .venv/bin/python bench/poll_cost.py --sizes 10000 1000000 10000000 --polls 400
+    .venv/bin/python bench/poll_cost.py --smoke                    # 1k and 100k rows, 10 polls (CI, ~10 s)
+    .venv/bin/python bench/poll_cost.py --json poll_cost.json
 
 Sample output (2 cores, shared with other work; chDB 4.4.0; about 2 minutes):
 

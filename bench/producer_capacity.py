@@ -35,10 +35,10 @@ tables named capacity_* in the configured database.
 
 Run it from the repository root:
 
-    python bench/producer_capacity.py                           # http, 10 s per cell
-    python bench/producer_capacity.py --targets http embedded --seconds 5
-    python bench/producer_capacity.py --smoke                   # CI: 10 and 1,000 rows, 1 s per cell
-    python bench/producer_capacity.py --json capacity.json
+    .venv/bin/python bench/producer_capacity.py                           # http, 10 s per cell
+    .venv/bin/python bench/producer_capacity.py --targets http embedded --seconds 5
+    .venv/bin/python bench/producer_capacity.py --smoke                   # CI: 10 and 1,000 rows, 1 s per cell
+    .venv/bin/python bench/producer_capacity.py --json capacity.json
 
 Sample output (2 cores, shared with other work; chDB 4.4.0; ~2.5 minutes):
 

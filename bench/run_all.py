@@ -15,10 +15,10 @@ figures.
 
 Run it from the repository root:
 
-    python bench/run_all.py               # full sizes: about 20 minutes (memory.py alone is 10)
-    python bench/run_all.py --smoke       # CI: every benchmark's tiny mode, about a minute
-    python bench/run_all.py --only poll_cost producer_capacity
-    python bench/run_all.py --json all.json
+    .venv/bin/python bench/run_all.py               # full sizes: about 20 minutes (memory.py alone is 10)
+    .venv/bin/python bench/run_all.py --smoke       # CI: every benchmark's tiny mode, about a minute
+    .venv/bin/python bench/run_all.py --only poll_cost producer_capacity
+    .venv/bin/python bench/run_all.py --json all.json
 
 Sample output (--smoke, 2 cores shared with other work; smoke timings are
 not meaningful, only that every benchmark runs):

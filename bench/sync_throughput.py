@@ -41,10 +41,10 @@ loaded table still alive).
 
 Run it from the repository root:
 
-    python bench/sync_throughput.py                       # 1,000,000 rows, best of 3
-    python bench/sync_throughput.py --rows 1000000 5000000 --records-max-rows 1000000
-    python bench/sync_throughput.py --rows 20000 --repeat 1   # CI smoke run, a few seconds
-    python bench/sync_throughput.py --configs key-hidden --json results.json
+    .venv/bin/python bench/sync_throughput.py                       # 1,000,000 rows, best of 3
+    .venv/bin/python bench/sync_throughput.py --rows 1000000 5000000 --records-max-rows 1000000
+    .venv/bin/python bench/sync_throughput.py --rows 20000 --repeat 1   # CI smoke run, a few seconds
+    .venv/bin/python bench/sync_throughput.py --configs key-hidden --json results.json
 
 bench/README.md has the figures measured on this repository's machine.
 Timings on small shared VMs vary by 20-30% from run to run.

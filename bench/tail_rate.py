@@ -26,10 +26,10 @@ up with when the lag p95 stays under 1 s for the whole run.
 
 Run it from the repository root:
 
-    python bench/tail_rate.py                                  # 2,000 rows/s for 60 s
-    python bench/tail_rate.py --rates 2000 20000 100000 --seconds 60
-    python bench/tail_rate.py --smoke                          # 3 s at 2,000 rows/s (CI)
-    python bench/tail_rate.py --json tail_rate.json
+    .venv/bin/python bench/tail_rate.py                                  # 2,000 rows/s for 60 s
+    .venv/bin/python bench/tail_rate.py --rates 2000 20000 100000 --seconds 60
+    .venv/bin/python bench/tail_rate.py --smoke                          # 3 s at 2,000 rows/s (CI)
+    .venv/bin/python bench/tail_rate.py --json tail_rate.json
 
 It exits 1 if a tail delivers a row twice or misses one.
 """

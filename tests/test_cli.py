@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import logging
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-import clickhouse_connect
 import pytest
 
 import producer
@@ -46,7 +48,7 @@ def test_unreachable_clickhouse_is_one_line_naming_the_address_and_the_fix(scrip
     assert result.returncode == 1
     assert error_lines(result) == [
         f"{script}: cannot reach ClickHouse at http://localhost:{port}: start it with ./docker.sh, "
-        "or run without Docker: python perspective_server.py --embedded"]
+        "or run without Docker: .venv/bin/python perspective_server.py --embedded"]
     assert "Traceback" not in result.stderr
 
 
@@ -149,7 +151,7 @@ def test_an_unknown_host_is_one_line_naming_it():
     assert result.returncode == 1
     assert error_lines(result) == [
         "producer.py: cannot reach ClickHouse at http://no-such-host.invalid:8123: start it with ./docker.sh, "
-        "or run without Docker: python perspective_server.py --embedded"]
+        "or run without Docker: .venv/bin/python perspective_server.py --embedded"]
 
 
 def test_a_missing_table_is_one_line_once_the_wait_is_over(clickhouse_http):
@@ -243,16 +245,29 @@ def test_a_chdb_folder_in_use_is_one_line_naming_the_fix(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_embedded_with_your_own_table_grows_through_the_sql_port_and_leaves_the_demo_producer_out(tmp_path):
-    # The README's embedded path for a table of your own: the server holds the
-    # chDB folder, so the table is created and written through --sql-port.
+def readme_embedded_own_table() -> tuple[list[str], list[str]]:
+    """The README's embedded own-table commands: the server's arguments, and
+    the SQL each `curl ... --data-binary "..."` sends."""
+    readme = (ROOT / "README.md").read_text()
+    server = re.search(r"^\.venv/bin/python perspective_server\.py (--embedded [^#\n]*--sql-port \d+)", readme, re.M)
+    statements = re.findall(r"^curl -u demo:demo 'http://127\.0\.0\.1:\d+/' --data-binary \"(.+)\"$", readme, re.M)
+    assert server and len(statements) == 2, "README.md lost its --sql-port example"
+    return server.group(1).split(), statements
+
+
+def test_the_readmes_embedded_own_table_grows_through_the_sql_port(tmp_path):
+    # As the README has it, but on free ports and a folder of the test's:
+    # the server holds the chDB folder, so the table is created and written
+    # through --sql-port, with the README's own statements (sent as its curl
+    # lines send them: POST, basic auth).
+    arguments, (create, insert) = readme_embedded_own_table()
     port, sql_port = free_port(), free_port()
+    arguments[arguments.index("--sql-port") + 1] = str(sql_port)
+    table = arguments[arguments.index("--table") + 1]
     log_path = tmp_path / "server.log"
     with open(log_path, "wb") as log:
-        server = subprocess.Popen([sys.executable, "perspective_server.py", "--embedded", "--chdb-path", str(tmp_path),
-                                   "--table", "trades", "--key", "trade_id", "--port", str(port),
-                                   "--sql-port", str(sql_port)],
-                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([sys.executable, "perspective_server.py", *arguments, "--chdb-path", str(tmp_path),
+                                   "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
     def wait_for_log(text: str) -> None:
         deadline = time.monotonic() + 60
@@ -260,6 +275,12 @@ def test_embedded_with_your_own_table_grows_through_the_sql_port_and_leaves_the_
             assert server.poll() is None, log_path.read_text()
             time.sleep(0.2)
         assert text in log_path.read_text()
+
+    def curl(sql: str) -> None:
+        request = urllib.request.Request(f"http://127.0.0.1:{sql_port}/", data=sql.encode(), headers={
+            "Authorization": "Basic " + base64.b64encode(b"demo:demo").decode()})
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
 
     async def rows_on_the_page(count: int) -> int:
         replica, follower = await follow_feed(port)
@@ -272,24 +293,20 @@ def test_embedded_with_your_own_table_grows_through_the_sql_port_and_leaves_the_
         return size
 
     try:
-        wait_for_log("no table trades in database demo")
-        client = clickhouse_connect.get_client(host="127.0.0.1", port=sql_port, username="demo", password="demo",
-                                               database="demo", autogenerate_session_id=False)
-        client.command("CREATE TABLE trades (trade_id UInt64, price Float64, "
-                       "inserted_at DateTime64(6, 'UTC') DEFAULT now64(6, 'UTC')) ENGINE = MergeTree "
-                       "ORDER BY inserted_at")
-        client.insert("trades", [[1, 10.5], [2, 11.25]], column_names=["trade_id", "price"])
-        wait_for_log("backfilled 2 rows into Perspective table trades")
+        wait_for_log(f"no table {table} in database demo")
+        curl(create)
+        curl(insert)
+        wait_for_log(f"backfilled 1 rows into Perspective table {table}")
         assert "the demo producer writes only stock_values, so it is not started" in log_path.read_text()
         # New rows, while the server runs, reach the page.
-        client.insert("trades", [[3, 12.0], [4, 12.5], [5, 13.0]], column_names=["trade_id", "price"])
-        assert asyncio.run(rows_on_the_page(5)) == 5
-        client.close()
+        for key in (2, 3, 4):
+            curl(insert.replace("VALUES (1,", f"VALUES ({key},"))
+        assert asyncio.run(rows_on_the_page(4)) == 4
     finally:
         server.send_signal(signal.SIGINT)
         assert server.wait(timeout=30) == 0, log_path.read_text()
     assert _chdb(tmp_path, "SELECT count() FROM system.tables WHERE database = 'demo' AND name = 'stock_values'") == "0"
-    assert _chdb(tmp_path, "SELECT count() FROM trades") == "5"
+    assert _chdb(tmp_path, f"SELECT count() FROM {table}") == "4"
 
 
 def test_sql_port_is_for_embedded_mode_only():
