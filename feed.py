@@ -37,7 +37,7 @@ import tornado.httpclient
 import tornado.ioloop
 import tornado.websocket
 
-from viewers import ViewerLimits, Viewers
+from viewers import AdmittedSocket, ViewerLimits, Viewers
 
 log = logging.getLogger("server")
 
@@ -102,7 +102,7 @@ class Feed:
             page.deliver(sequence, message)
 
 
-class FeedHandler(tornado.websocket.WebSocketHandler):
+class FeedHandler(AdmittedSocket):
     """One page's websocket: a snapshot, then every batch, in order; nothing from the page."""
 
     def initialize(self, feed: Feed, allowed_origins=frozenset(), limits: ViewerLimits = ViewerLimits()):
@@ -110,19 +110,6 @@ class FeedHandler(tornado.websocket.WebSocketHandler):
         self.allowed_origins = allowed_origins
         self.limits = limits
         self.feed = None
-
-    def check_origin(self, origin):
-        # Tornado's own check: the Origin's host must equal the Host header.
-        return origin in self.allowed_origins or super().check_origin(origin)
-
-    async def get(self, *args, **kwargs):
-        refusal = Viewers.admit(self.request.remote_ip, self.limits)
-        if refusal is not None:
-            Viewers.refuse_connection(refusal)
-            self.set_status(503)
-            self.finish(refusal)
-            return
-        await super().get(*args, **kwargs)
 
     async def open(self):
         feed = self.source

@@ -169,7 +169,27 @@ def _dimensions(response: bytes) -> tuple[int, int] | None:
     return None
 
 
-class ViewerHandler(tornado.websocket.WebSocketHandler):
+class AdmittedSocket(tornado.websocket.WebSocketHandler):
+    """A websocket that opens only for a page of this server's origin (or
+    one named with --allow-origin), within the connection limits: the base
+    of History's socket here and of the live feed's (feed.py). A subclass's
+    initialize() sets `allowed_origins` and `limits`."""
+
+    def check_origin(self, origin):
+        # Tornado's own check: the Origin's host must equal the Host header.
+        return origin in self.allowed_origins or super().check_origin(origin)
+
+    async def get(self, *args, **kwargs):
+        refusal = Viewers.admit(self.request.remote_ip, self.limits)
+        if refusal is not None:
+            Viewers.refuse_connection(refusal)
+            self.set_status(503)
+            self.finish(refusal)
+            return
+        await super().get(*args, **kwargs)
+
+
+class ViewerHandler(AdmittedSocket):
     """A websocket to the Perspective server: read-only, same-origin, limited.
 
     perspective-python's own PerspectiveTornadoHandler accepts any Origin and
@@ -186,19 +206,6 @@ class ViewerHandler(tornado.websocket.WebSocketHandler):
         self.tables = tables
         self.allowed_origins = allowed_origins
         self.limits = limits
-
-    def check_origin(self, origin):
-        # Tornado's own check: the Origin's host must equal the Host header.
-        return origin in self.allowed_origins or super().check_origin(origin)
-
-    async def get(self, *args, **kwargs):
-        refusal = Viewers.admit(self.request.remote_ip, self.limits)
-        if refusal is not None:
-            Viewers.refuse_connection(refusal)
-            self.set_status(503)
-            self.finish(refusal)
-            return
-        await super().get(*args, **kwargs)
 
     def open(self):
         limits = self.limits

@@ -87,6 +87,17 @@ def assert_grid_has_cells(page, view: str | None = None):
     assert any(text.strip() for text in cells.all_inner_texts()), f"{view} grid cells are all empty"
 
 
+def assert_default_candles(page):
+    """The candles view as DASHBOARD defines it: AAPL, one candle per 5 s bucket."""
+    candles = browser.viewer_config(page, "candles")
+    assert candles["filter"] == [["ticker", "==", "AAPL"]]
+    assert candles["expressions"] == {"timestamp per 5s": "bucket(\"timestamp\", '5s')"}
+    assert candles["group_by"] == ["timestamp per 5s"]
+    buckets = [path[0] for path in browser.view_columns(page, "candles")["__ROW_PATH__"] if path]
+    assert buckets and all(bucket % 5_000 == 0 for bucket in buckets), buckets
+    assert len(set(buckets)) == len(buckets)  # one candle per bucket
+
+
 def newest_bucket(page, view: str) -> int:
     """The latest time a chart view has a row for (ms since the epoch)."""
     paths = browser.view_columns(page, view)["__ROW_PATH__"]
@@ -146,13 +157,7 @@ def test_every_view_of_the_dashboard_is_live(local_assets, start_server, browser
         ticks = drawn["x_ticks"]
         assert ticks and all(TIME_TICK.fullmatch(tick) for tick in ticks), ticks
         assert any(":" in tick for tick in ticks), ticks  # a minute of data has second or minute ticks
-    candles = browser.viewer_config(page, "candles")
-    assert candles["filter"] == [["ticker", "==", "AAPL"]]
-    assert candles["expressions"] == {"timestamp per 5s": "bucket(\"timestamp\", '5s')"}
-    assert candles["group_by"] == ["timestamp per 5s"]
-    buckets = [path[0] for path in browser.view_columns(page, "candles")["__ROW_PATH__"] if path]
-    assert buckets and all(bucket % 5_000 == 0 for bucket in buckets), buckets
-    assert len(set(buckets)) == len(buckets)  # one candle per bucket
+    assert_default_candles(page)
     assert browser.viewer_config(page, "lines")["split_by"] == ["ticker"]
 
     # The pivot grid: ticker rows, client columns, and only totals that add up.
@@ -208,13 +213,7 @@ def test_a_changed_view_survives_a_reload_until_reset(start_server, browser_cont
     with page.expect_navigation():
         page.click("#reset-layout")
     wait_live(page, router, console)
-    candles = browser.viewer_config(page, "candles")
-    assert candles["filter"] == [["ticker", "==", "AAPL"]]
-    assert candles["expressions"] == {"timestamp per 5s": "bucket(\"timestamp\", '5s')"}
-    assert candles["group_by"] == ["timestamp per 5s"]
-    buckets = [path[0] for path in browser.view_columns(page, "candles")["__ROW_PATH__"] if path]
-    assert buckets and all(bucket % 5_000 == 0 for bucket in buckets), buckets
-    assert len(set(buckets)) == len(buckets)  # one candle per bucket
+    assert_default_candles(page)
     pivot = browser.viewer_config(page, "pivot")
     assert pivot["group_by"] == ["ticker"] and pivot["split_by"] == ["client"]
     assert page.evaluate("() => localStorage.length") == 0
