@@ -145,9 +145,6 @@ def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, 
             grown = clickhouse.count()
             assert grown > stored
             assert wait_for_badge(page, "history", f"{grown:,} rows") == f"{grown:,} rows"
-            # Each viewer's own count of the table's rows agrees with the switch.
-            for view in ("minute_candles", "volume_pivot"):
-                assert wait_for_viewer_rows(page, view, grown) == grown, view
             # The pivot, as Live's: trades and volume per client; its total
             # row's trades are every row in ClickHouse.
             pivot = browser.view_columns(page, "volume_pivot")
@@ -189,7 +186,7 @@ def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, 
             page.click("#mode-history")
             error.wait_for(state="attached", timeout=15_000)
             assert "choose a larger bucket" in error.text_content()
-            assert wait_for_viewer_rows(page, "volume_pivot", grown) == grown
+            assert wait_for_viewer_rows(page, "volume_pivot", grown) == grown  # drawn, on every row
         assert server.interrupt() == 0, server.log()
     finally:
         for program in programs:
