@@ -147,9 +147,16 @@ def test_history_shows_every_row_and_follows_new_ones(local_assets, clickhouse, 
             assert wait_for_badge(page, "history", f"{grown:,} rows") == f"{grown:,} rows"
             # The pivot, as Live's: trades and volume per client; its total
             # row's trades are every row in ClickHouse.
-            pivot = browser.view_columns(page, "volume_pivot")
-            trades = [values[0] for name, values in pivot.items() if name.endswith("|trades")]
-            assert len(trades) >= 4 and sum(trades) == grown, pivot.keys()
+            # (A refresh re-runs the views, then counts: wait for the one
+            # whose views ran after the last insert, too.)
+            def total_trades() -> list:
+                pivot = browser.view_columns(page, "volume_pivot")
+                return [values[0] for name, values in pivot.items() if name.endswith("|trades")]
+            deadline = time.monotonic() + 20
+            while sum(total_trades()) != grown and time.monotonic() < deadline:
+                page.wait_for_timeout(250)
+            trades = total_trades()
+            assert len(trades) >= 4 and sum(trades) == grown, trades
 
             page.click("#mode-live")
             assert wait_for_badge(page, "live", f"{LIMIT:,} rows") == f"{LIMIT:,} rows"
