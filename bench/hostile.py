@@ -533,7 +533,7 @@ async def main_async(args) -> list[dict]:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Each hostile viewer from issue 10 against the old and new server.")
+    parser = argparse.ArgumentParser(description="Each hostile viewer the limits guard against, against the old and new server.")
     parser.add_argument("--only", nargs="+", choices=list(ATTACKS), metavar="ATTACK",
                         help=f"run only these ({', '.join(ATTACKS)})")
     parser.add_argument("--servers", nargs="+", choices=["old", "new"], default=["old", "new"])
