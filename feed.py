@@ -28,7 +28,6 @@ sends nothing, so any message from a client closes its connection.
 from __future__ import annotations
 
 import json
-import logging
 import struct
 
 import perspective
@@ -38,8 +37,6 @@ import tornado.ioloop
 import tornado.websocket
 
 from viewers import AdmittedSocket, ViewerLimits, Viewers
-
-log = logging.getLogger("server")
 
 SEQUENCE = struct.Struct(">Q")  # the 8 bytes in front of each batch
 
@@ -105,6 +102,8 @@ class Feed:
 class FeedHandler(AdmittedSocket):
     """One page's websocket: a snapshot, then every batch, in order; nothing from the page."""
 
+    kind, behind = "page", "behind the feed"
+
     def initialize(self, feed: Feed, allowed_origins=frozenset(), limits: ViewerLimits = ViewerLimits()):
         self.source = feed
         self.allowed_origins = allowed_origins
@@ -116,8 +115,7 @@ class FeedHandler(AdmittedSocket):
         if feed.table is None:
             self.close(1013, "the server has no table yet; try again")
             return
-        self.feed, self.address = feed, self.request.remote_ip
-        self.unsent = 0
+        self.feed = feed
         self.after: int | None = None   # the snapshot's sequence number, once it is sent
         self.waiting: list[tuple[int, bytes]] = []   # batches broadcast while the snapshot is taken
         Viewers.join(self)
@@ -136,7 +134,7 @@ class FeedHandler(AdmittedSocket):
     def deliver(self, sequence: int, message: bytes) -> None:
         if self.after is None:
             self.waiting.append((sequence, message))
-            self._count(len(message))
+            self.count_unsent(len(message))
         elif sequence > self.after:  # older batches are in the snapshot already
             self._write(message)
 
@@ -144,34 +142,16 @@ class FeedHandler(AdmittedSocket):
         self.close(1003, "this feed is listen-only")
 
     def _write(self, payload, binary: bool = True) -> None:
-        if self.feed is None or self.ws_connection is None or self.ws_connection.is_closing():
-            return
-        try:
-            future = self.write_message(payload, binary=binary)
-        except tornado.websocket.WebSocketClosedError:
-            return self.leave()
-        size = len(payload)
-        future.add_done_callback(lambda done: self._flushed(done, size))
-        self._count(size)
-
-    def _count(self, size: int) -> None:
-        self.unsent += size
-        if self.unsent > self.limits.send_buffer:
-            log.warning("closed a page at %s that fell %s bytes behind the feed (--max-send-buffer)",
-                        self.address, f"{self.unsent:,}")
-            self.close(1008, "too far behind")
-            self.leave()
-
-    def _flushed(self, done, size: int) -> None:
-        self.unsent -= size
-        if not done.cancelled():
-            done.exception()  # retrieved, so asyncio does not log it once per unsent message
+        if self.feed is not None:
+            self.send(payload, binary)
 
     def leave(self) -> None:
         feed, self.feed = self.feed, None
         if feed is not None:
             feed.pages.discard(self)
             Viewers.leave(self)
+
+    drop = leave
 
     def on_close(self):
         self.leave()

@@ -100,19 +100,17 @@ class _Parser:
         return tree
 
     def expression(self):
-        tree = self.term()
-        while self.peek()[1] in ("+", "-"):
-            operator = self.tokens[self.at][1]
-            self.at += 1
-            tree = ("binary", operator, tree, self.term())
-        return tree
+        return self._chain(self.term, ("+", "-"))
 
     def term(self):
-        tree = self.factor()
-        while self.peek()[1] in ("*", "/"):
-            operator = self.tokens[self.at][1]
+        return self._chain(self.factor, ("*", "/"))
+
+    def _chain(self, operand, operators):
+        """operand (operator operand)*, grouped from the left."""
+        tree = operand()
+        while (operator := self.peek()[1]) in operators:
             self.at += 1
-            tree = ("binary", operator, tree, self.factor())
+            tree = ("binary", operator, tree, operand())
         return tree
 
     def factor(self):

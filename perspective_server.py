@@ -455,7 +455,9 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
         history_server = history.History(lambda: connection.connect(ch), settings.table, settings.cursor,
                                           hidden, settings.history)
     feed = Feed(run, settings.limit)
-    app = make_app(feed, settings.allowed_origins, settings.limits, history_server, [settings.table])
+    local_assets = assets.installed()
+    app = make_app(feed, settings.allowed_origins, settings.limits, history_server, [settings.table],
+                   assets.FOLDER if local_assets else None)
     try:
         http_server = app.listen(settings.port, settings.bind)
     except OSError as error:
@@ -464,7 +466,7 @@ async def serve(settings: ServerSettings, ch: connection.ClickHouseSettings) -> 
                                         "program or choose another with --port") from None
         raise connection.SetupError(f"cannot listen on {settings.bind}:{settings.port}: {error.strerror}") from None
     log.info("serving http://%s:%d/", "localhost" if settings.bind == "127.0.0.1" else settings.bind, settings.port)
-    if assets.installed():
+    if local_assets:
         log.info("the page loads Perspective's browser code from this server (%s/)", assets.FOLDER.name)
     else:
         log.info("the page loads Perspective's browser code from %s; where browsers cannot reach it, "

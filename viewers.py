@@ -171,9 +171,15 @@ def _dimensions(response: bytes) -> tuple[int, int] | None:
 
 class AdmittedSocket(tornado.websocket.WebSocketHandler):
     """A websocket that opens only for a page of this server's origin (or
-    one named with --allow-origin), within the connection limits: the base
-    of History's socket here and of the live feed's (feed.py). A subclass's
-    initialize() sets `allowed_origins` and `limits`."""
+    one named with --allow-origin), within the connection limits, and is
+    closed once more than --max-send-buffer bytes wait to be sent to it: the
+    base of History's socket here and of the live feed's (feed.py). A
+    subclass's initialize() sets `allowed_origins` and `limits`; its drop()
+    ends what the connection holds."""
+
+    unsent = 0        # bytes written to the socket, not yet flushed
+    kind = "viewer"    # the log line's name for the client
+    behind = "behind"  # and for what it fell behind
 
     def check_origin(self, origin):
         # Tornado's own check: the Origin's host must equal the Host header.
@@ -187,6 +193,36 @@ class AdmittedSocket(tornado.websocket.WebSocketHandler):
             self.finish(refusal)
             return
         await super().get(*args, **kwargs)
+
+    def send(self, payload, binary: bool = True) -> None:
+        """Writes `payload`, counted against --max-send-buffer until it is flushed."""
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return
+        try:
+            future = self.write_message(payload, binary=binary)
+        except tornado.websocket.WebSocketClosedError:
+            return self.drop()
+        size = len(payload)
+        future.add_done_callback(lambda done: self._flushed(done, size))
+        self.count_unsent(size)
+
+    def count_unsent(self, size: int) -> None:
+        self.unsent += size
+        if self.unsent > self.limits.send_buffer:
+            log.warning("closed a %s at %s that fell %s bytes %s (--max-send-buffer)", self.kind,
+                        self.request.remote_ip, f"{self.unsent:,}", self.behind)
+            self.close(1008, "too far behind")
+            self.drop()
+
+    def _flushed(self, done, size: int) -> None:
+        self.unsent -= size
+        # Retrieve the error (the socket closed): otherwise asyncio logs
+        # "Task exception was never retrieved" once per unsent message.
+        if not done.cancelled():
+            done.exception()
+
+    def drop(self) -> None:
+        raise NotImplementedError
 
 
 class ViewerHandler(AdmittedSocket):
@@ -214,7 +250,6 @@ class ViewerHandler(AdmittedSocket):
             max_read_cells=limits.read_cells)
         self.refused = 0
         self.in_flight = 0          # requests handed to the worker, not yet run
-        self.unsent = 0             # bytes written to the socket, not yet flushed
         self.size_checks: dict[int, tuple[bytes, int, bytes]] = {}  # own msg id -> (view, its msg id, request)
         self.held: dict[int, bytes] = {}                           # make_view replies awaiting their check
         self.own_ids: set[int] = set()
@@ -269,7 +304,7 @@ class ViewerHandler(AdmittedSocket):
         Viewers.refused += 1
         reply = read_only.refusal(message, reason)
         if reply is not None:
-            self._write(reply)
+            self.send(reply)
 
     def _own_id(self) -> int:
         """A message id for the handler's own requests. Perspective's clients
@@ -291,7 +326,7 @@ class ViewerHandler(AdmittedSocket):
                 return
             if msg_id in self.own_ids:
                 return self._own_reply(msg_id, response)
-        self._write(response)
+        self.send(response)
 
     def _own_reply(self, msg_id: int, response: bytes) -> None:
         self.own_ids.discard(msg_id)
@@ -304,42 +339,19 @@ class ViewerHandler(AdmittedSocket):
             # and give its slot back, or a viewer whose configs fail a few
             # times would be out of views (--max-views) until it reconnects.
             self.gate.close_view(view_id, "this view could not be made")
-            self._write(created)
+            self.send(created)
             return
         rows, columns = dimensions
         limits = self.limits
         if columns <= limits.view_columns and rows * columns <= limits.view_cells:
             self.gate.view_columns[view_id] = columns
-            self._write(created)
+            self.send(created)
             return
         reason = (f"view too large: {rows:,} rows x {columns:,} columns (limits {limits.view_columns:,} columns, "
                   f"{limits.view_cells:,} cells); group or filter more, or split by a column with fewer values")
         self.gate.close_view(view_id, reason)
         self.worker.submit(self._run, _request(self._own_id(), view_id, read_only.VIEW_DELETE))
         self._refuse(request, reason)
-
-    def _write(self, payload: bytes) -> None:
-        if self.ws_connection is None or self.ws_connection.is_closing():
-            return
-        try:
-            future = self.write_message(payload, binary=True)
-        except tornado.websocket.WebSocketClosedError:
-            return self.end_session()
-        size = len(payload)
-        self.unsent += size
-        future.add_done_callback(lambda done: self._flushed(done, size))
-        if self.unsent > self.limits.send_buffer:
-            log.warning("closed a viewer at %s that fell %s bytes behind (--max-send-buffer)",
-                        self.address, f"{self.unsent:,}")
-            self.close(1008, "too far behind")
-            self.end_session()
-
-    def _flushed(self, done, size: int) -> None:
-        self.unsent -= size
-        # Retrieve the error (the socket closed): otherwise asyncio logs
-        # "Task exception was never retrieved" once per unsent message.
-        if not done.cancelled():
-            done.exception()
 
     # --- the end ----------------------------------------------------------
 
@@ -349,6 +361,8 @@ class ViewerHandler(AdmittedSocket):
         if session is not None:
             self.worker.submit(session.close)
             Viewers.leave(self)
+
+    drop = end_session
 
     def on_close(self):
         self.end_session()
