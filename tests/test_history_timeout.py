@@ -1,12 +1,12 @@
-"""--history-timeout reaches ClickHouse: a history query that would run for
-minutes is stopped there, the viewer gets one line saying why, and the same
+"""--history-timeout reaches ClickHouse: a history query that would run far
+longer is stopped there, the viewer gets one line saying why, and the same
 session goes on answering.
 
 The slow table is a view over 20 million numbers(): a filtered read of it
 takes about 20 ms; a group-by over every number runs about 10 s before it
-reaches the 2 GiB memory limit, so a 1 s timeout stops it long before. History runs in
-process on chDB, read through a real perspective.Client over Perspective's
-protocol.
+reaches the 2 GiB memory limit, so a 1 s timeout stops it long before.
+History runs in process on chDB, read through a real perspective.Client
+over Perspective's protocol.
 """
 
 from __future__ import annotations
