@@ -64,8 +64,7 @@ class Rollup:
         are, the time as its minute (only ever read through a bucket),
         measures by name (only ever read through their states)."""
         columns = dict(base)
-        time = base[TIME]
-        columns[TIME] = Column(TIME, time.clickhouse_type, "datetime",
+        columns[TIME] = Column(TIME, "DateTime('UTC')", "datetime",
                                f"toDateTime64({quote(MINUTE)}, 3, 'UTC') AS {quote(TIME)}")
         return columns
 
@@ -98,13 +97,14 @@ class Rollup:
     def rows_sql(self, condition: str) -> str:
         return f"sum({quote(ROWS)})" if condition == "1" else f"sumIf({quote(ROWS)}, {condition})"
 
-    def aggregate_sql(self, column: Column, aggregate: str, condition: str = "1") -> str:
+    def aggregate_sql(self, column: Column, aggregate: str, condition: str = "1", some_rows: bool = False) -> str:
         """One aggregate over the rollup rows that meet `condition`: null
-        where there are none, as on the table."""
+        where there are none (unless `some_rows` says there are), as on the
+        table."""
         if aggregate == "count":
             return self.rows_sql(condition)
         _, template = _READS[aggregate]
         states = {kind: quote(f"{column.name}__{kind}") for kind in ("first", "last", "min", "max", "sum")}
         every = condition == "1"
         sql = template.format(If="" if every else "If", c="" if every else f", {condition}", **states)
-        return f"if({self.rows_sql(condition)} = 0, NULL, {sql})"
+        return sql if some_rows else f"if({self.rows_sql(condition)} = 0, NULL, {sql})"

@@ -164,6 +164,31 @@ def test_an_expression_cannot_take_a_column_name_nor_refer_to_another_expression
         history_expressions.expression_column("c", '"b" + 1', columns, history.Params())
 
 
+def test_a_bucket_of_whole_seconds_is_start_of_interval_and_agrees_with_the_epoch_arithmetic(new_client):
+    """A DateTime (not DateTime64) is bucketed by toStartOfInterval, which is
+    cheaper; it must give the epoch arithmetic's answer for every step the
+    viewer offers, in any time zone the column is declared in."""
+    client = new_client()
+    for zone in ("UTC", "Asia/Kolkata", "America/St_Johns"):
+        column = history.Column("at", f"DateTime('{zone}')", "datetime", "toDateTime64(`at`, 3, 'UTC') AS `at`")
+        x = history.value_sql(column)
+        for unit in ("s", "m", "h"):
+            for count in history_expressions.BUCKETS[unit]:
+                params = history.Params()
+                fast, _ = history_expressions.bucket_sql(x, "datetime", count, unit, params, whole_seconds=True)
+                exact, _ = history_expressions.bucket_sql(x, "datetime", count, unit, params)
+                assert "toStartOfInterval" in fast and "toStartOfInterval" not in exact
+                differ = client.command(
+                    f"SELECT countIf({fast} != {exact}) + countIf(toTypeName({fast}) != 'DateTime64(3, \\'UTC\\')') "
+                    f"FROM (SELECT toDateTime(rand32(number), '{zone}') AS `at` FROM numbers(20000))",
+                    parameters=params)
+                assert differ == 0, (zone, count, unit)
+    minute = history_expressions.expression_column(
+        "m", 'bucket("at", \'1m\')', {"at": history.Column("at", "Nullable(DateTime)", "datetime", "`at`")},
+        history.Params())
+    assert "toStartOfInterval" in minute.select
+
+
 def test_a_view_groups_by_a_bucket_with_the_buckets_parameters_first():
     params = history.Params()
     columns = {**COLUMNS, **history_expressions.expression_columns(
@@ -272,6 +297,38 @@ def test_the_table_size_is_counted_again_on_every_request(new_client, database):
     assert table.size() == 8
     view = table.view(columns=["x"], group_by=["x"])
     assert view.num_rows() == 1 + 5  # the total and five distinct values
+    source.close()
+
+
+def test_a_new_views_first_page_is_read_with_its_count_and_used_once(new_client, database):
+    admin = new_client()
+    admin.command("CREATE TABLE t (inserted_at DateTime64(6), x Int32) ENGINE = MergeTree ORDER BY inserted_at")
+    admin.command("INSERT INTO t SELECT now64(6), number FROM numbers(40)")
+    source, client = _history_client(database)
+    asked = []  # the views' queries (not the table's size, which Perspective asks along)
+    query = source.query
+    source.query = lambda sql, *args, **kwargs: (
+        sql == "SELECT count() FROM `t`" or asked.append(sql)) and None or query(sql, *args, **kwargs)
+    view = client.open_table("t").view(columns=["x"], group_by=["x"], group_rollup_mode="flat")
+    asked.clear()
+    # The count and the first page (as many rows as a chart reads first), together.
+    assert view.num_rows() == 40
+    assert sorted(sql.startswith("SELECT count()") for sql in asked) == [False, True]
+    assert any(sql.endswith(f" LIMIT {history.FIRST_PAGE_ROWS[1]} OFFSET 0") for sql in asked)
+    asked.clear()
+    assert view.to_columns(start_row=5, end_row=8)["x"] == [5, 6, 7]
+    assert asked == []  # answered from the first page
+    # Only once: later requests see rows that landed since.
+    admin.command("INSERT INTO t SELECT now64(6), 100 + number FROM numbers(2)")
+    assert view.num_rows() == 42 and asked[-1].startswith("SELECT count()")
+    assert view.to_columns(start_row=40, end_row=42)["x"] == [100, 101]
+    assert len(asked) == 2
+    # A first page that does not hold what is asked is not used.
+    admin.command("INSERT INTO t SELECT now64(6), 1000 + number FROM numbers(1500)")
+    rows = client.open_table("t").view(columns=["x"])
+    assert rows.num_rows() == 1542
+    asked.clear()
+    assert rows.to_columns(start_row=0, end_row=1200)["x"][1100] == 1000 + 1100 - 42 and len(asked) == 1
     source.close()
 
 
