@@ -45,10 +45,15 @@ def unwrap(clickhouse_type: str) -> str:
         clickhouse_type = match.group(1)
 
 
+def type_name(clickhouse_type: str) -> str:
+    """The type's name, unwrapped and without its parameters: "DateTime64"
+    for Nullable(DateTime64(6, 'UTC'))."""
+    return unwrap(clickhouse_type).split("(", 1)[0]
+
+
 def perspective_type(clickhouse_type: str) -> str | None:
     """The Perspective type for a ClickHouse type, or None if there is none."""
-    base = unwrap(clickhouse_type)
-    name = base.split("(", 1)[0]
+    name = type_name(clickhouse_type)
     if name in _INTEGERS:
         return "integer"
     if name in _FLOATS or name in _WIDE_INTEGERS or name.startswith("Decimal"):

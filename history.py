@@ -358,6 +358,9 @@ class ViewQuery:
     schema: dict[str, str]        # view_schema for Perspective (see view_query)
     group_levels: int = 0         # len(group_by) when rows carry row paths
     count_sql: str = ""           # its row count, when cheaper than counting `sql`
+    # Kept for the viewer's next request (HistoryHandler.view_size):
+    sized: bool = False           # its row count was asked
+    first_page: pa.Table | None = None  # its first rows, read beside that count, until used
 
 
 def checked_config(config: dict, columns: dict[str, Column]) -> dict:
@@ -419,7 +422,7 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
     per_row = not group_by and mode != "total"
     # Every group of a GROUP BY has rows (ClickHouse's ROLLUP makes no total
     # row of no rows); only a total over no rows aggregates nothing.
-    grouped = bool(group_by)
+    groups_have_rows = bool(group_by)
 
     def cell(name: str, condition: str | None) -> tuple[str, str]:
         """One column's SQL and Perspective type; `condition` picks a split value."""
@@ -428,8 +431,8 @@ def view_query(table: str, columns: dict[str, Column], cursor: str, config: dict
             value = value_sql(column)
             return (value if condition is None else f"if({condition}, {value}, NULL)"), column.perspective_type
         aggregate = aggregate_of[name]
-        sql = (aggregate_sql(column, aggregate, cursor_sql, rollup=rollup, some_rows=grouped) if condition is None
-               else split_cell_sql(column, aggregate, cursor_sql, condition, rollup))
+        sql = (split_cell_sql(column, aggregate, cursor_sql, condition, rollup) if condition is not None
+               else aggregate_sql(column, aggregate, cursor_sql, rollup=rollup, some_rows=groups_have_rows))
         return sql, aggregate_type(column, aggregate)
 
     items, kinds, names, schema = [], {}, {}, {}
@@ -565,8 +568,6 @@ class HistoryHandler:
         self.history = history
         self.views: dict[str, ViewQuery] = {}
         self.made: set[str] = set()  # view ids the VirtualServer holds (made, not deleted)
-        self.sized: set[str] = set()  # views whose row count was asked for
-        self.first_pages: dict[str, tuple[int, pa.Table]] = {}  # view -> (rows asked, rows read), until read
         self.failure: str | None = None  # why the last request failed, in our words
 
     def _table(self, name: str) -> dict[str, Column]:
@@ -623,32 +624,30 @@ class HistoryHandler:
 
     def view_size(self, view_name):
         view = self._view(view_name)
-        if view_name in self.sized:
+        if view.sized:
             return self.history.count(size_sql(view), view.params)
         # A new view: the viewer asks for its first page next, so that page
         # is read now, beside the count, and kept for that request. This
         # session then has two queries running, never more: both end here.
-        self.sized.add(view_name)
-        rows = first_page_rows(view)
-        page = self.history.beside.submit(self.history.query, page_sql(view, 0, rows), view.params)
+        view.sized = True
+        page = self.history.beside.submit(self.history.query, page_sql(view, 0, first_page_rows(view)),
+                                          view.params)
         try:
             return self.history.count(size_sql(view), view.params)
         finally:
             with contextlib.suppress(Exception):  # a failed page is read again, and reported, if asked for
-                self.first_pages[view_name] = (rows, page.result())
+                view.first_page = page.result()
 
     def view_delete(self, view_name):
         self.views.pop(view_name, None)
         self.made.discard(view_name)
-        self.sized.discard(view_name)
-        self.first_pages.pop(view_name, None)
 
-    def _rows(self, view_name: str, view: ViewQuery, start: int, end: int | None) -> pa.Table:
+    def _rows(self, view: ViewQuery, start: int, end: int | None) -> pa.Table:
         """The view's rows [start, end): from its first page if that holds
         them (once: a later request reads ClickHouse again), else queried."""
-        first = self.first_pages.pop(view_name, None)
-        if first is not None:
-            asked, rows = first
+        rows, view.first_page = view.first_page, None
+        if rows is not None:
+            asked = first_page_rows(view)
             if rows.num_rows < asked or (end is not None and end <= asked):  # all rows, or enough
                 stop = rows.num_rows if end is None else min(end, rows.num_rows)
                 return rows.slice(start, max(0, stop - start))
@@ -664,7 +663,7 @@ class HistoryHandler:
     def view_get_data(self, view_name, config, schema, viewport, data):
         view = self._view(view_name)
         start, end = viewport.get("start_row") or 0, viewport.get("end_row")
-        rows = self._rows(view_name, view, start, end)
+        rows = self._rows(view, start, end)
         if view.group_levels:
             depths = rows.column("__depth").to_pylist()
             for level in range(view.group_levels):
@@ -778,7 +777,6 @@ class HistorySession:
             self.closed = True
             self.pending.clear()
         self.handler.views.clear()
-        self.handler.first_pages.clear()
 
 
 class History:

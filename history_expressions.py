@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from clickhouse_types import Column, quote, unwrap
+from clickhouse_types import Column, quote, type_name
 
 # unit -> counts Perspective 4.3.0 accepts ('7m' is an error there).
 BUCKETS = {
@@ -241,7 +241,7 @@ def tree_sql(tree, columns: dict[str, Column], params) -> tuple[str, str, Bucket
         if kind not in ("date", "datetime"):
             raise Refused(f"bucket() needs a date or datetime column, not {column_name(source[1])!r}")
         count, unit = parse_unit(unit[1])
-        stored = unwrap(columns[column_name(source[1])].clickhouse_type).split("(")[0]
+        stored = type_name(columns[column_name(source[1])].clickhouse_type)
         sql, result = bucket_sql(x, kind, count, unit, params, whole_seconds=stored == "DateTime")
         return sql, result, Bucket(column_name(source[1]), count, unit)
     what = f"{tree[1]}()" if node == "call" else "text"
