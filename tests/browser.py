@@ -317,6 +317,13 @@ def switch_plugin(page, plugin: str, view: str | None = None):
     restore(page, {"plugin": plugin}, view)
 
 
+# d3's time axis labels each tick with the coarsest unit that changes there:
+# ".500" (ms), ":05" (seconds), "11:02" or "11 PM" (minutes, hours), "Sun 29",
+# "Nov 29", "November", "2026". A category axis of the same datetimes would
+# print whole dates ("11/29/2026, 11:02:05.000 PM").
+TIME_TICK = re.compile(r"\.\d{3}|:\d\d|\d{1,2}:\d\d( ?[AP]M)?|\d{1,2} ?[AP]M|[A-Z][a-z]{2} \d{1,2}|[A-Z][a-z]+|\d{4}")
+
+
 def chart_drawn(page, view: str | None = None) -> dict:
     """What a viewer's visible d3fc plugin element drew inside its shadow root.
 
